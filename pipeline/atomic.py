@@ -1,0 +1,71 @@
+"""Write outputs to a temporary sibling path and move them into place.
+
+A crash (or ``kill -9``) mid-write then leaves the previous output, or nothing, never a half-written
+table, store or checkpoint that DVC or a later stage would mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def _tmp_sibling(target: Path, is_dir: bool) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary directory that replaces ``target`` only if the block succeeds."""
+    target = Path(target)
+    tmp = _tmp_sibling(target, is_dir=True)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    old = None
+    if target.exists() or target.is_symlink():
+        old = target.with_name(f".{target.name}.old")
+        _remove(old)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        _remove(old)
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary file path that is renamed onto ``target`` only if the block succeeds."""
+    target = Path(target)
+    tmp = _tmp_sibling(target, is_dir=False)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    os.replace(tmp, target)
+
+
+def write_json(target: str | Path, payload: Any) -> None:
+    """Atomically write ``payload`` as indented JSON (NaN is refused: metrics must be real numbers)."""
+    with atomic_file(target) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n")

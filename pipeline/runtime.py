@@ -1,0 +1,39 @@
+"""Run-time choices every stage makes the same way: device, seeds, CPU threads."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; an explicit ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"base.device={name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so that two CPU runs with one seed give identical outputs."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def configure_threads(threads: int) -> None:
+    """Pin torch's intra-op threads (0 keeps torch's default: one per core)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when ``enabled`` (AMP); a no-op context on CPU, where fp32 is faster here."""
+    use = enabled and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
