@@ -48,8 +48,10 @@ class SynthesizeParams(_Strict):
     objects_per_image: tuple[int, int] = (3, 5)
     image_side: tuple[int, int] = (176, 240)
     expressions_per_object: tuple[int, int] = (1, 3)
-    object_scale: tuple[float, float] = (0.10, 0.19)
+    object_scale: tuple[float, float] = (0.22, 0.40)
     distractor_rate: float = Field(0.5, ge=0.0, le=1.0)
+    family_weights: dict[Literal["attribute", "position", "relation"], float] = {
+        "attribute": 0.5, "position": 0.3, "relation": 0.2}
     split_fractions: dict[str, float] = {"train": 0.7, "val": 0.1, "testA": 0.1, "testB": 0.1}
     jpeg_quality: int = Field(92, ge=50, le=100)
 
@@ -114,6 +116,9 @@ class OptimParams(_Strict):
 class Step1Params(OptimParams):
     input_size: int = Field(192, ge=32)
     prompt: Literal["bilateral", "t2v", "v2t", "none"] = "bilateral"
+    init_projectors: Literal["clip", "random"] = Field(
+        "clip", description="clip: start from CLIP's dense embedding (MaskCLIP); needs hidden_dim = embed dim"
+    )
     alpha: float = 0.1
     beta: float = 0.1
     num_negatives: int = Field(47, ge=0, description="N of Eq. 7")
@@ -155,6 +160,7 @@ class AffinityParams(_Strict):
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(16, ge=1)
     input_size: int = Field(128, ge=32)
+    max_samples: int = Field(2000, ge=1, description="objects whose confident labels train the net")
 
 
 class RandomWalkParams(_Strict):
@@ -174,6 +180,7 @@ class PseudoMaskParams(_Strict):
     affinity: AffinityParams = AffinityParams()
     random_walk: RandomWalkParams = RandomWalkParams()
     workers: int = Field(2, ge=1, description="CPU processes for the CRF")
+    size: int = Field(128, ge=32, description="working (and stored) resolution of the pseudo-masks")
 
     @model_validator(mode="after")
     def _confidence_order(self) -> PseudoMaskParams:

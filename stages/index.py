@@ -1,0 +1,45 @@
+"""Stage index: one Parquet view (images / refs / sentences + report.json) of the configured dataset.
+
+``data.source: synthetic`` reads the synthesize stage's output; ``data.source: refer`` reads a real REFER
+download (RefCOCO, RefCOCO+, RefCOCOg, RefCLEF) from ``data.refer``. Bad refs are skipped and counted
+by reason in ``artifacts/index/report.json``; the stage fails only if nothing usable is left.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import paths  # noqa: E402
+from pipeline.data.index import build_index, format_report, write_index  # noqa: E402
+from pipeline.data.refer import load_refer  # noqa: E402
+from pipeline.params import Params  # noqa: E402
+from pipeline.stage import StageTimer, start_stage  # noqa: E402
+
+
+def dataset_location(params: Params) -> tuple[Path, str, str, Path]:
+    """``(root, dataset, split_by, image_dir)`` of the configured data source."""
+    if params.data.source == "synthetic":
+        s = params.synthesize
+        return paths.SYNTHETIC, s.dataset, s.split_by, paths.SYNTHETIC / "images"
+    r = params.data.refer
+    return Path(r.root), r.dataset, r.split_by, Path(r.image_dir)
+
+
+def main() -> None:
+    params, _ = start_stage("index")
+    root, dataset, split_by, image_dir = dataset_location(params)
+    with StageTimer("index"):
+        try:
+            refs, instances = load_refer(root, dataset, split_by)
+            tables, report = build_index(refs, instances, image_dir)
+        except (FileNotFoundError, ValueError) as err:
+            sys.exit(f"index: {err}")
+        print(format_report(report))
+        if report["kept"]["refs"] == 0:
+            sys.exit("index: no usable refs left; see the skipped counts above")
+        write_index(paths.INDEX, tables, report)
+
+
+if __name__ == "__main__":
+    main()
