@@ -1,0 +1,393 @@
+"""CLIP encoders as TRIS uses them: dense visual maps, per-word text features and pooled embeddings.
+
+TRIS (Sec. 3.1, Sec. 4.1) initialises its image encoder ``E_v`` and text encoder ``E_l`` from CLIP and needs
+more from them than CLIP's own ``encode_image`` / ``encode_text`` give:
+
+* the Step-1 localiser needs the stride-32 feature map *before* CLIP's attention pooling (``dense_features``);
+* the Step-2 segmentation network needs a 4-level pyramid (``stage_features``) and per-token text features
+  (``encode_words``);
+* Eq. 9 needs pooled embeddings of masked images at any resolution and of 20-token expressions, while the
+  pretrained positional embeddings were learnt for 224 px images and 77 tokens.
+
+``ClipBackbone`` adds those views on top of an unmodified ``open_clip.model.CLIP`` (ModifiedResNet or ViT
+image tower), so pretrained checkpoints load without any key renaming. ``FrozenClip`` is the frozen copy used
+by the calibration loss (Eq. 8-9) and PRMS (Eq. 10).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+import zipfile
+from collections.abc import Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP, build_model_from_openai_state_dict
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transformer import VisionTransformer, text_global_pool
+from torch import nn
+
+TINY_RN = "tiny-rn"
+TINY_VIT = "tiny-vit"
+_NO_WEIGHTS = (None, "", "none", "None")
+
+
+def tiny_clip_config(
+    embed_dim: int = 64,
+    image_size: int = 224,
+    vision_layers: int | Sequence[int] = (1, 1, 1, 1),
+    vision_width: int = 16,
+    text_width: int = 32,
+    text_heads: int = 2,
+    text_layers: int = 1,
+    context_length: int = 77,
+    vision_patch_size: int | None = None,
+) -> dict:
+    """Keyword arguments for ``open_clip.CLIP`` describing a small, randomly initialisable CLIP.
+
+    ``vision_layers`` as a list builds a ModifiedResNet (the paper's RN50 family); ``head_width`` equals
+    ``vision_width`` so the attention pool has 32 heads of ``vision_width`` channels each, dividing the
+    ``32 * vision_width`` pooled width. An int ``vision_layers`` with ``vision_patch_size`` builds a ViT.
+    The vocabulary keeps CLIP's 49408 BPE tokens so open_clip's bundled tokenizer is used unchanged.
+    """
+    is_vit = isinstance(vision_layers, int)
+    if is_vit and vision_patch_size is None:
+        raise ValueError("a ViT tiny config (int vision_layers) needs vision_patch_size")
+    vision_cfg: dict = {
+        "layers": int(vision_layers) if is_vit else list(vision_layers),
+        "width": vision_width,
+        "head_width": vision_width,
+        "image_size": image_size,
+    }
+    if is_vit:
+        # ViT heads = width // head_width; keep at least 2 heads of equal width.
+        vision_cfg["head_width"] = max(vision_width // 2, 1)
+        vision_cfg["patch_size"] = vision_patch_size
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": vision_cfg,
+        "text_cfg": {
+            "context_length": context_length,
+            "vocab_size": 49408,
+            "width": text_width,
+            "heads": text_heads,
+            "layers": text_layers,
+        },
+    }
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    """OpenAI's released ``RN50.pt`` etc. are TorchScript zips; they carry a ``constants.pkl`` member."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") for n in zf.namelist())
+
+
+def build_clip(
+    name: str,
+    pretrained: str | os.PathLike | None,
+    *,
+    tiny: dict | None = None,
+    context_length: int = 77,
+) -> CLIP:
+    """Build a float32 ``open_clip`` CLIP, optionally loading weights, without ever touching the network.
+
+    * ``name`` ``'tiny-rn'`` / ``'tiny-vit'``: ``open_clip.CLIP(**tiny_clip_config(**tiny))``
+      (``context_length`` is the default text context when ``tiny`` does not set one); otherwise an
+      open_clip architecture name such as ``'RN50'`` or ``'RN50-quickgelu'``.
+    * ``pretrained`` None / "" / "none": random initialisation.
+    * ``pretrained`` an existing file: for an OpenAI TorchScript archive (``RN50.pt``) the architecture is
+      inferred from the weights as ``open_clip.load_openai_model`` does (QuickGELU; ``name`` only matters
+      for the tiny models). Any other file (plain state dict, or an open_clip training checkpoint
+      ``{'state_dict': ...}`` with or without ``module.`` prefixes) goes through
+      ``open_clip.load_checkpoint`` into the named architecture; plain OpenAI state dicts need the
+      ``-quickgelu`` architecture name to reproduce CLIP exactly.
+    * otherwise ``pretrained`` is an open_clip pretrained tag, which only resolves from a local cache.
+    """
+    tiny_name = name in (TINY_RN, TINY_VIT)
+    pretrained = os.fspath(pretrained) if pretrained is not None else None
+    if pretrained in _NO_WEIGHTS:
+        model = _build_architecture(name, tiny, context_length) if tiny_name else open_clip.create_model(name)
+    elif os.path.isfile(pretrained):
+        if _is_torchscript_archive(pretrained):
+            state = _torchscript_state_dict(pretrained)
+            if tiny_name:
+                model = _build_architecture(name, tiny, context_length)
+                model.load_state_dict(state)
+            else:  # what open_clip.load_openai_model does, minus its device/precision handling
+                model = build_model_from_openai_state_dict(state, cast_dtype=None)
+        elif tiny_name:
+            model = _build_architecture(name, tiny, context_length)
+            open_clip.load_checkpoint(model, pretrained)
+        else:
+            model = open_clip.create_model(name, pretrained=pretrained)
+    elif tiny_name:
+        raise FileNotFoundError(f"weights file {pretrained!r} for the tiny CLIP does not exist")
+    else:
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained)
+        except Exception as err:  # open_clip raises RuntimeError with a download hint
+            raise RuntimeError(
+                f"could not load open_clip weights {name!r} with pretrained tag {pretrained!r}: it is "
+                "neither a local file nor in the local open_clip cache, and this pipeline never downloads "
+                "(no network). Point `pretrained` at a local checkpoint file."
+            ) from err
+    if not isinstance(model, CLIP):
+        raise TypeError(f"expected an open_clip CLIP with a built-in text tower, got {type(model).__name__}")
+    return model.float()
+
+
+def _torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Weights of a TorchScript CLIP, minus the metadata and causal mask that scripting also stores."""
+    with warnings.catch_warnings():  # torch.jit.load is deprecated, but OpenAI's archives need it
+        warnings.simplefilter("ignore", FutureWarning)
+        state = dict(torch.jit.load(path, map_location="cpu").state_dict())
+    for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
+        state.pop(key, None)
+    return state
+
+
+def _build_architecture(name: str, tiny: dict | None, context_length: int) -> CLIP:
+    kwargs = {"context_length": context_length, **(tiny or {})}
+    if name == TINY_VIT:
+        kwargs.setdefault("vision_layers", 2)
+        kwargs.setdefault("vision_patch_size", 16)
+    return CLIP(**tiny_clip_config(**kwargs))
+
+
+def tokenize(texts: list[str], max_tokens: int) -> torch.LongTensor:
+    """CLIP BPE tokens ``(B, max_tokens)``, zero padded.
+
+    open_clip's tokenizer truncates a long sentence to ``max_tokens`` and overwrites the last kept token with
+    EOT, so every row holds exactly one EOT; because EOT has the largest id, ``argmax`` finds it, which is how
+    CLIP pools the sentence embedding (see ``ClipBackbone.encode_text``).
+    """
+    return open_clip.tokenize(list(texts), context_length=max_tokens)
+
+
+def _interpolate_grid(
+    pos: torch.Tensor, src: tuple[int, int], dst: tuple[int, int], mode: str
+) -> torch.Tensor:
+    """Resize a ``(src_h * src_w, C)`` positional-embedding grid to ``(dst_h * dst_w, C)``."""
+    if tuple(src) == tuple(dst):
+        return pos
+    grid = pos.reshape(1, src[0], src[1], -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=dst, mode=mode, align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(dst[0] * dst[1], -1)
+
+
+class ClipBackbone(nn.Module):
+    """Feature views of a CLIP model needed by TRIS Step 1 and Step 2 (module docstring explains why).
+
+    Attributes: ``visual_channels`` (channels of ``dense_features``), ``text_channels`` (pooled, projected
+    text embedding), ``word_channels`` (per-token width of ``encode_words``), ``stage_channels`` (channels of
+    the four ``stage_features`` levels), ``is_resnet``.
+    """
+
+    def __init__(self, clip: CLIP) -> None:
+        super().__init__()
+        self.clip = clip
+        visual = clip.visual
+        self.is_resnet = isinstance(visual, ModifiedResNet)
+        if self.is_resnet:
+            self.stage_channels = [layer[-1].conv3.out_channels for layer in self._res_layers()]
+            self.visual_channels = self.stage_channels[-1]
+        elif isinstance(visual, VisionTransformer):
+            if visual.attn_pool is not None:
+                raise ValueError("ViT towers with attentional pooling are not supported")
+            self.visual_channels = visual.conv1.out_channels
+            self.stage_channels = [self.visual_channels] * 4
+        else:
+            raise TypeError(f"unsupported CLIP image tower {type(visual).__name__}")
+        proj = clip.text_projection
+        self.word_channels = clip.ln_final.normalized_shape[0]
+        if proj is None:
+            self.text_channels = self.word_channels
+        elif isinstance(proj, nn.Linear):
+            self.text_channels = proj.out_features
+        else:
+            self.text_channels = proj.shape[1]
+
+    # ------------------------------------------------------------------ image side
+    def _res_layers(self) -> list[nn.Module]:
+        v = self.clip.visual
+        return [v.layer1, v.layer2, v.layer3, v.layer4]
+
+    def _vit_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """ViT forward with the positional embedding resized (bicubic) to the input's patch grid.
+
+        Returns all tokens after the transformer ``(B, 1 + h*w, C)`` (class token first) and ``(h, w)``.
+        """
+        v: VisionTransformer = self.clip.visual
+        x = v.conv1(images)
+        h, w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        pos = v.positional_embedding.to(x.dtype)
+        patch_pos = _interpolate_grid(pos[1:], v.grid_size, (h, w), mode="bicubic")
+        x = x + torch.cat([pos[:1], patch_pos], dim=0)
+        x = v.patch_dropout(x)
+        x = v.ln_pre(x)
+        return v.transformer(x), (h, w)
+
+    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``V_e`` of Sec. 3.1: ``(B, C_v, H/s, W/s)`` before any pooling.
+
+        ModifiedResNet: the layer4 map (s = 32). ViT: the patch tokens after ``ln_post`` (s = patch size),
+        class token dropped.
+        """
+        if self.is_resnet:
+            return self.stage_features(images)[-1]
+        tokens, (h, w) = self._vit_tokens(images)
+        patches = self.clip.visual.ln_post(tokens[:, 1:])
+        return patches.transpose(1, 2).reshape(images.shape[0], -1, h, w)
+
+    def stage_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Four maps at strides 4, 8, 16, 32 for the Step-2 decoder.
+
+        ModifiedResNet: outputs of layer1..layer4. ViT has a single-scale token grid, so a simple pyramid
+        (as in ViTDet) resizes the ``dense_features`` map to ``H/4, H/8, H/16, H/32`` (bilinear; antialiased
+        when shrinking), giving the same strides as the ResNet so the decoder does not care which it gets.
+        """
+        if self.is_resnet:
+            x = self.clip.visual.stem(images)
+            feats = []
+            for layer in self._res_layers():
+                x = layer(x)
+                feats.append(x)
+            return feats
+        dense = self.dense_features(images)
+        H, W = images.shape[-2:]
+        out = []
+        for stride in (4, 8, 16, 32):
+            size = (max(H // stride, 1), max(W // stride, 1))
+            shrink = size[0] < dense.shape[-2]
+            out.append(
+                F.interpolate(dense, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+            )
+        return out
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP's pooled image embedding ``(B, embed_dim)`` for any input size (not normalised).
+
+        The pooling's positional embedding is resized to the actual feature grid (bilinear for the ResNet
+        attention pool, bicubic for ViT); at the model's native size the result equals ``CLIP.encode_image``.
+        """
+        v = self.clip.visual
+        if not self.is_resnet:
+            tokens, _ = self._vit_tokens(images)
+            pooled, _ = v._pool(tokens)
+            return pooled @ v.proj if v.proj is not None else pooled
+        return self._attention_pool(self.dense_features(images))
+
+    def _attention_pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``AttentionPool2d.forward`` of open_clip with the positional embedding resized to ``x``'s grid."""
+        pool = self.clip.visual.attnpool
+        h, w = x.shape[-2:]
+        x = x.flatten(2).permute(2, 0, 1)  # (HW, B, C)
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
+        pos = pool.positional_embedding.to(x.dtype)
+        side = math.isqrt(pos.shape[0] - 1)
+        pos = torch.cat([pos[:1], _interpolate_grid(pos[1:], (side, side), (h, w), mode="bilinear")], dim=0)
+        x = x + pos[:, None, :]
+        x, _ = F.multi_head_attention_forward(
+            query=x[:1],
+            key=x,
+            value=x,
+            embed_dim_to_check=x.shape[-1],
+            num_heads=pool.num_heads,
+            q_proj_weight=pool.q_proj.weight,
+            k_proj_weight=pool.k_proj.weight,
+            v_proj_weight=pool.v_proj.weight,
+            in_proj_weight=None,
+            in_proj_bias=torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias]),
+            bias_k=None,
+            bias_v=None,
+            add_zero_attn=False,
+            dropout_p=0.0,
+            out_proj_weight=pool.c_proj.weight,
+            out_proj_bias=pool.c_proj.bias,
+            use_separate_proj_weight=True,
+            training=self.training,
+            need_weights=False,
+        )
+        return x[0]
+
+    # ------------------------------------------------------------------ text side
+    def _token_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text transformer + ``ln_final`` on ``(B, T)`` tokens, ``T <= context_length``.
+
+        Shorter contexts (20-token expressions on a 77-token CLIP) use the first ``T`` positional embeddings
+        and the top-left ``T x T`` causal mask: with a causal mask, tokens never see later padding, so this
+        equals running the padded 77-token sequence and truncating.
+        """
+        clip = self.clip
+        T = tokens.shape[1]
+        context = clip.positional_embedding.shape[0]
+        if T > context:
+            raise ValueError(f"{T} tokens exceed the text encoder's context of {context}")
+        x = clip.token_embedding(tokens) + clip.positional_embedding[:T]
+        mask = clip.attn_mask[:T, :T] if clip.attn_mask is not None else None
+        x = clip.transformer(x, attn_mask=mask)
+        return clip.ln_final(x)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``L_e`` of Sec. 3.1: EOT-token features, projected, not normalised: ``(B, text_channels)``."""
+        x = text_global_pool(
+            self._token_features(tokens),
+            tokens,
+            self.clip.text_pool_type,
+            eos_token_id=getattr(self.clip, "text_eos_id", None),
+        )
+        proj = self.clip.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+    def encode_words(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token features after ``ln_final`` ``(B, T, word_channels)`` and a validity mask ``(B, T)``.
+
+        A token is valid up to and including EOT (found by ``argmax``, EOT being the largest BPE id);
+        padding after it is masked out for the Step-2 fusion module.
+        """
+        words = self._token_features(tokens)
+        eot = tokens.argmax(dim=-1, keepdim=True)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+        return words, positions <= eot
+
+
+class FrozenClip(nn.Module):
+    """The frozen CLIP of Eq. 9 (calibration) and Eq. 10 (PRMS): L2-normalised embeddings, frozen weights.
+
+    Its weights never receive gradients, yet gradients flow through it to the *input* images, which is how
+    the calibration loss reaches the response map. ``train()`` keeps it in eval mode so BatchNorm statistics
+    of the ResNet never drift. Give it its own CLIP instance (not the one the localiser fine-tunes), since
+    it switches ``requires_grad`` off on every parameter it holds.
+    """
+
+    def __init__(self, clip: CLIP) -> None:
+        super().__init__()
+        self.backbone = ClipBackbone(clip)
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        size = clip.visual.image_size
+        self.image_size: int = int(size[0] if isinstance(size, (tuple, list)) else size)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> FrozenClip:
+        """Ignore ``mode``: the frozen CLIP always runs in eval mode (see the class docstring)."""
+        return super().train(False)
+
+    def encode_image(self, images_normalized: torch.Tensor) -> torch.Tensor:
+        """``E_v`` of Eq. 9 on CLIP-normalised images; differentiable w.r.t. the images."""
+        return F.normalize(self.backbone.encode_image(images_normalized), dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``E_l`` of Eq. 9; text embeddings are constants for the loss, so no graph is kept."""
+        return F.normalize(self.backbone.encode_text(tokens), dim=-1)
