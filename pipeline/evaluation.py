@@ -1,0 +1,106 @@
+"""Scoring maps of a split against the ground truth (evaluation stages only).
+
+Each map is brought to its image's original size before scoring (Sec. 4.1 metrics in
+:mod:`pipeline.metrics`). Step-1 responses are min-max normalised per map and then thresholded; Step-2
+outputs are probabilities already.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.data.index import decode_mask
+from pipeline.maps import minmax_normalize, upsample
+from pipeline.metrics import aggregate, chance_baselines, score_sentence
+from pipeline.store import ResponseStore
+
+
+def response_to_prob(response: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A stored low-resolution response as a [0, 1] map at the original image size."""
+    up = upsample(torch.from_numpy(np.asarray(response, dtype=np.float32))[None], (height, width))[0]
+    return minmax_normalize(up).numpy()
+
+
+class GroundTruth:
+    """Decoded GT masks and boxes by ``ref_id``, decoded once each (several sentences share a ref)."""
+
+    def __init__(self, refs: pd.DataFrame) -> None:
+        self._refs = refs.set_index("ref_id")
+        self._masks: dict[int, np.ndarray] = {}
+
+    def mask(self, ref_id: int) -> np.ndarray:
+        if ref_id not in self._masks:
+            self._masks[ref_id] = decode_mask(self._refs.loc[ref_id])
+        return self._masks[ref_id]
+
+    def box(self, ref_id: int) -> list[float]:
+        return [float(v) for v in self._refs.loc[ref_id, "bbox"]]
+
+
+def score_maps(items: Iterable[tuple[int, int, np.ndarray]], gt: GroundTruth,
+               threshold: float) -> tuple[dict, pd.DataFrame]:
+    """Score ``(sent_id, ref_id, prob_map at original size)`` items; return metrics and a per-sentence
+    table (used to pick best / median / worst cases for galleries)."""
+    records, scores = [], []
+    for sent_id, ref_id, prob in items:
+        score = score_sentence(prob, gt.mask(ref_id), gt.box(ref_id), threshold)
+        scores.append(score)
+        records.append({"sent_id": int(sent_id), "ref_id": int(ref_id), **asdict(score)})
+    return aggregate(scores), pd.DataFrame.from_records(records)
+
+
+def evaluate_responses(store: ResponseStore, split: str, gt: GroundTruth,
+                       threshold: float) -> tuple[dict, pd.DataFrame]:
+    """Metrics of the Step-1 maps of one split, plus the chance PointM baselines beside them."""
+
+    def items():
+        for batch in store.iter_batches(split, 256):
+            for k in range(len(batch["sent_id"])):
+                prob = response_to_prob(batch["response"][k], int(batch["height"][k]), int(batch["width"][k]))
+                yield int(batch["sent_id"][k]), int(batch["ref_id"][k]), prob
+
+    metrics, table = score_maps(items(), gt, threshold)
+    metrics.update(chance_baselines(gt.mask(int(r)) for r in table["ref_id"]))
+    return metrics, table
+
+
+def pick_cases(table: pd.DataFrame, per_group: int, key: str = "iou") -> dict[str, list[int]]:
+    """sent_ids of the best, median and worst ``per_group`` sentences by ``key`` (stable order)."""
+    ordered = table.sort_values([key, "sent_id"], ascending=[False, True], kind="stable")
+    ids = ordered["sent_id"].tolist()
+    mid = max(0, len(ids) // 2 - per_group // 2)
+    return {"best": ids[:per_group], "median": ids[mid:mid + per_group],
+            "worst": ids[::-1][:per_group]}
+
+
+def split_report(per_split: dict[str, Callable[[], tuple[dict, pd.DataFrame]]]) -> tuple[dict, dict]:
+    """Run each split's evaluation; return ``{split: metrics}`` and ``{split: table}``."""
+    metrics, tables = {}, {}
+    for split, run in per_split.items():
+        metrics[split], tables[split] = run()
+        print(f"  {split}: " + ", ".join(f"{k}={v}" for k, v in metrics[split].items()))
+    return metrics, tables
+
+
+@torch.inference_mode()
+def iter_segmenter_probs(model: torch.nn.Module, bank, sentences: pd.DataFrame, batch_size: int,
+                         max_tokens: int, device: torch.device):
+    """Yield ``(sent_id, ref_id, probability map at original size)`` of the Step-2 network."""
+    from pipeline.maps import clip_normalize
+    from pipeline.models.clip_backbone import tokenize
+
+    model.to(device).eval()
+    texts = sentences["text"].tolist()
+    for start in range(0, len(sentences), batch_size):
+        part = sentences.iloc[start:start + batch_size]
+        images = clip_normalize(bank.batch(part["image_id"]).to(device))
+        tokens = tokenize(texts[start:start + batch_size], max_tokens).to(device)
+        probs = torch.sigmoid(model(images, tokens).float())[:, 0].cpu()
+        for k, row in enumerate(part.itertuples()):
+            prob = upsample(probs[k:k + 1], (int(row.height), int(row.width)))[0].numpy()
+            yield int(row.sent_id), int(row.ref_id), prob
