@@ -1,0 +1,168 @@
+"""Positive Response Map Selection (PRMS, Sec. 3.4, Eq. 10).
+
+An object referred to by ``M`` expressions gets ``M`` Step-1 response maps. Each map ``R_t`` masks the
+image (Eq. 9); the frozen CLIP scores the masked object against *all* ``M`` expressions, and the map whose
+masked object agrees best with the whole set, ``argmax_t CS_t`` with ``CS_t = sum_m S(I, R_t, Q_m)``, is
+kept as the object's pseudo-label source. A map that latched onto a wrong object matches the other
+descriptions of the target poorly, so the cumulative score demotes it.
+
+Each masked image goes through the image encoder once: the ``M x M`` similarity matrix is a product
+of ``M`` image embeddings with ``M`` text embeddings, not ``M^2`` encoder calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from pipeline.maps import mask_images
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cosine_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """``phi`` of Eq. 9 for all pairs: ``(M_images, D) x (M_texts, D) -> (M_images, M_texts)`` cosines."""
+    image_emb = torch.nn.functional.normalize(image_emb.float(), dim=-1)
+    text_emb = torch.nn.functional.normalize(text_emb.float(), dim=-1)
+    return image_emb @ text_emb.T
+
+
+def cumulative_scores(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, similarity: Similarity = cosine_similarity
+) -> torch.Tensor:
+    """``CS_t = sum_m S[t, m]`` of Eq. 10, where row ``t`` is the image masked by response ``R_t``."""
+    return similarity(image_emb, text_emb.to(image_emb.device)).sum(dim=1)
+
+
+@dataclass(frozen=True)
+class PrmsItem:
+    """The ``M`` responses of one referred object: ``image01`` ``(3, H, W)`` in [0, 1], ``responses``
+    ``(M, h, w)`` raw Step-1 responses, ``text_emb`` ``(M, D)`` L2-normalised frozen-CLIP text embeddings."""
+
+    image01: torch.Tensor
+    responses: torch.Tensor
+    text_emb: torch.Tensor
+
+
+def _masked(image01: torch.Tensor, responses: torch.Tensor, size: int) -> torch.Tensor:
+    image01 = image01.to(responses.device, torch.float32)
+    images = image01.unsqueeze(0).expand(len(responses), -1, -1, -1)
+    return mask_images(images, responses.float(), size)
+
+
+@torch.no_grad()
+def select_positive_response(
+    image01: torch.Tensor,
+    responses: torch.Tensor,
+    text_emb: torch.Tensor,
+    encode_image: Encoder,
+    size: int,
+    similarity: Similarity = cosine_similarity,
+) -> tuple[int, torch.Tensor]:
+    """PRMS for one object (Eq. 10): index of the selected response and the cumulative scores ``(M,)``.
+
+    ``encode_image`` maps ``(M, 3, size, size)`` CLIP-normalised images to ``(M, D)`` embeddings and is
+    called once with all ``M`` masked images. With ``M == 1`` there is nothing to choose (the paper's
+    identity case): index 0 is returned without calling the encoder and the score is NaN (not computed).
+    """
+    m = len(responses)
+    if m == 0:
+        raise ValueError("PRMS needs at least one response map")
+    if len(text_emb) != m:
+        raise ValueError(f"{m} responses but {len(text_emb)} text embeddings")
+    if m == 1:
+        return 0, torch.full((1,), float("nan"))
+    image_emb = encode_image(_masked(image01, responses, size))
+    scores = cumulative_scores(image_emb, text_emb, similarity).float().cpu()
+    return int(scores.argmax()), scores
+
+
+@torch.no_grad()
+def select_batch(
+    items: Iterable[PrmsItem],
+    encode_image: Encoder,
+    size: int,
+    batch_size: int,
+    similarity: Similarity = cosine_similarity,
+) -> list[tuple[int, torch.Tensor]]:
+    """:func:`select_positive_response` for many objects, with encoder batches of ``batch_size`` images
+    shared across objects (objects with ``M == 1`` never reach the encoder).
+
+    ``items`` may be a generator and is read once: only each item's text embeddings are kept, masked
+    images are flushed through the encoder as soon as a full batch is queued, so memory holds about one
+    batch of images plus the (small) image embeddings, never all the items' images at once.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    queue: list[torch.Tensor] = []
+    queued = 0
+    embeddings: list[torch.Tensor] = []
+    texts: list[torch.Tensor | None] = []  # None marks an M == 1 item
+
+    def flush(final: bool) -> None:
+        nonlocal queue, queued
+        while queued >= batch_size or (final and queued > 0):
+            images = torch.cat(queue)
+            embeddings.append(encode_image(images[:batch_size]).float().cpu())
+            rest = images[batch_size:]
+            queue, queued = ([rest] if len(rest) else []), len(rest)
+
+    for item in items:
+        m = len(item.responses)
+        if m == 0 or len(item.text_emb) != m:
+            raise ValueError(f"{m} responses but {len(item.text_emb)} text embeddings")
+        if m == 1:
+            texts.append(None)
+            continue
+        texts.append(item.text_emb.float().cpu())
+        queue.append(_masked(item.image01, item.responses, size))
+        queued += m
+        flush(final=False)
+    flush(final=True)
+
+    all_emb = torch.cat(embeddings) if embeddings else torch.empty(0)
+    results: list[tuple[int, torch.Tensor]] = []
+    start = 0
+    for text in texts:
+        if text is None:
+            results.append((0, torch.full((1,), float("nan"))))
+            continue
+        m = len(text)
+        scores = cumulative_scores(all_emb[start : start + m], text, similarity).float()
+        start += m
+        results.append((int(scores.argmax()), scores))
+    return results
+
+
+def choose_without_prms(
+    m: int, mode: Literal["first", "random"], rng: np.random.Generator | None = None
+) -> int:
+    """The PRMS-off ablation (Table 4, "w/o PRMS"): which of ``m`` responses to keep without scoring.
+
+    ``first`` keeps the first expression's map (deterministic); ``random`` draws one uniformly with
+    ``rng`` (a ``numpy.random.Generator``, seeded by the caller for reproducibility).
+    """
+    if m < 1:
+        raise ValueError(f"need at least one response, got {m}")
+    if mode == "first":
+        return 0
+    if mode == "random":
+        if rng is None:
+            raise ValueError("mode='random' needs an rng")
+        return int(rng.integers(m))
+    raise ValueError(f"unknown mode {mode!r}; expected 'first' or 'random'")
+
+
+__all__ = [
+    "PrmsItem",
+    "choose_without_prms",
+    "cosine_similarity",
+    "cumulative_scores",
+    "select_batch",
+    "select_positive_response",
+]
