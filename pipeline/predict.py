@@ -1,0 +1,192 @@
+"""Referring segmentation of one image from one expression with the trained Step-2 network.
+
+``python -m pipeline.predict --image IMG --text "the man on the left" --out mask.png [--overlay o.png]``
+
+The image goes through the same preprocessing as Step-2 training (``read_image_rgb``: EXIF-upright RGB;
+``stretch_resize`` to the square input size; CLIP normalisation); the probability map is resized back to
+the original (height, width), so the written mask lines up with the file the user passed. This module
+also owns the Step-2 checkpoint format (``save_segmenter`` / ``load_segmenter``), so training and
+inference cannot disagree about it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from pipeline.atomic import atomic_file
+from pipeline.data.images import UnreadableImageError, read_image_rgb
+from pipeline.data.samples import stretch_resize
+from pipeline.maps import clip_normalize, upsample
+from pipeline.models.clip_backbone import ClipBackbone, build_clip, tokenize
+from pipeline.models.segmenter import ReferringSegmenter
+
+DEFAULT_CHECKPOINT = "artifacts/step2/model.pt"
+META_KEYS = (
+    "clip_name", "clip_tiny", "max_tokens", "input_size", "fusion_dim", "decoder_dim", "context_length",
+)
+TINT = np.array([255, 40, 40], dtype=np.float32)  # mask colour of the overlay
+CONTOUR = np.array([255, 230, 0], dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_segmenter(path: str | Path, model: ReferringSegmenter, meta: dict[str, Any]) -> None:
+    """Atomically write ``{"model": state_dict, "meta": meta}``; ``meta`` must hold every key of META_KEYS.
+
+    ``meta`` is what ``load_segmenter`` needs to rebuild the architecture without params.yaml, so a
+    checkpoint stays usable on its own (e.g. copied to another machine for the predict CLI).
+    """
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"segmenter meta lacks {missing}")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with atomic_file(path) as tmp:
+        torch.save({"model": state, "meta": dict(meta)}, tmp)
+
+
+def load_segmenter(checkpoint_path: str | Path) -> tuple[ReferringSegmenter, dict[str, Any]]:
+    """Rebuild the Step-2 network described by a checkpoint's meta and load its weights (CPU, eval mode).
+
+    The CLIP is built without pretrained weights: every CLIP parameter is in the state dict anyway.
+    """
+    ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
+        raise ValueError(f"{checkpoint_path} is not a Step-2 segmenter checkpoint (needs 'model' and 'meta')")
+    meta = ckpt["meta"]
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"{checkpoint_path}: checkpoint meta lacks {missing}")
+    clip = build_clip(meta["clip_name"], None, tiny=meta["clip_tiny"], context_length=meta["context_length"])
+    model = ReferringSegmenter(
+        ClipBackbone(clip), fusion_dim=meta["fusion_dim"], decoder_dim=meta["decoder_dim"]
+    )
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), meta
+
+
+# ---------------------------------------------------------------------------------------------- inference
+def predict_mask(
+    image: np.ndarray | str | Path,
+    text: str,
+    model: ReferringSegmenter,
+    *,
+    input_size: int,
+    max_tokens: int,
+    threshold: float = 0.5,
+    device: torch.device | str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Segment the object ``text`` refers to: (probability ``(H, W)`` float32, mask ``(H, W)`` bool).
+
+    ``image`` is an RGB uint8 array or a file path; outputs have the original image size. ``device``
+    defaults to the model's; giving another moves the model there. The model runs in eval mode and
+    its previous train/eval mode is restored afterwards.
+    """
+    rgb = read_image_rgb(image) if isinstance(image, (str, Path)) else np.asarray(image)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
+    if device is None:
+        device = next(model.parameters()).device
+    else:
+        model.to(device)
+    H, W = rgb.shape[:2]
+    resized = torch.from_numpy(np.array(stretch_resize(rgb, input_size)))  # copy: PIL's view is read-only
+    images = clip_normalize(resized.permute(2, 0, 1)[None].float().div(255.0).to(device))
+    tokens = tokenize([text], max_tokens).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            prob = torch.sigmoid(model(images, tokens)[:, 0].float())
+            prob = upsample(prob, (H, W))[0].clamp(0, 1)
+    finally:
+        model.train(was_training)
+    prob_np = prob.cpu().numpy().astype(np.float32)
+    return prob_np, prob_np > threshold
+
+
+def overlay_mask(rgb: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """The image with the mask tinted and its outline drawn, ``(H, W, 3)`` uint8, for a quick look."""
+    out = rgb.astype(np.float32)
+    out[mask] = (1 - alpha) * out[mask] + alpha * TINT
+    out = out.round().astype(np.uint8)
+    width = max(1, min(mask.shape) // 200)
+    edge = mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
+    out[edge] = CONTOUR
+    return out
+
+
+def _write_png(path: str | Path, array: np.ndarray) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tris-predict",
+        description="Segment the object a referring expression names, with the trained Step-2 network.",
+    )
+    p.add_argument("--image", required=True, help="input image (any format PIL reads)")
+    p.add_argument("--text", required=True, help="referring expression, e.g. 'the man on the left'")
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT,
+                   help=f"Step-2 checkpoint (default {DEFAULT_CHECKPOINT})")
+    p.add_argument("--out", required=True, help="binary mask PNG to write (0/255, original image size)")
+    p.add_argument("--overlay", help="optional PNG of the image with the mask tinted and outlined")
+    p.add_argument("--threshold", type=float, default=0.5, help="probability above which a pixel is target")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N")
+    return p
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> int:
+    """argparse's error format (usage line + 'prog: error: ...'), but returned instead of raised."""
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns 0 on success and 2 with a one-line message on bad input (no traceback)."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its message
+        return int(exc.code or 0)
+    if not args.text.strip():
+        return _fail(parser, "argument --text: the referring expression is empty")
+    if not 0.0 <= args.threshold <= 1.0:
+        return _fail(parser, f"argument --threshold: {args.threshold} is not in [0, 1]")
+    image_path, ckpt_path = Path(args.image), Path(args.checkpoint)
+    if not image_path.is_file():
+        return _fail(parser, f"argument --image: file not found: {image_path}")
+    if not ckpt_path.is_file():
+        return _fail(parser, f"argument --checkpoint: file not found: {ckpt_path} "
+                             "(train Step-2 first: dvc repro)")
+    try:
+        rgb = read_image_rgb(image_path)
+    except UnreadableImageError as exc:  # its message names the file and the decoder's complaint
+        return _fail(parser, f"argument --image: {exc}")
+    try:
+        model, meta = load_segmenter(ckpt_path)
+    except Exception as exc:  # torn file, foreign pickle, architecture mismatch: all mean "bad checkpoint"
+        return _fail(parser, f"argument --checkpoint: cannot load {ckpt_path} ({type(exc).__name__}: {exc})")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    prob, mask = predict_mask(rgb, args.text, model, input_size=meta["input_size"],
+                              max_tokens=meta["max_tokens"], threshold=args.threshold, device=device)
+    _write_png(args.out, mask.astype(np.uint8) * 255)
+    if args.overlay:
+        _write_png(args.overlay, overlay_mask(rgb, mask))
+    print(f"{args.out}: {int(mask.sum())} of {mask.size} pixels ({mask.mean():.1%}), "
+          f"max probability {prob.max():.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
