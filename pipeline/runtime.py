@@ -37,3 +37,14 @@ def autocast(device: torch.device, enabled: bool):
     """bf16 autocast on CUDA when ``enabled`` (AMP); a no-op context on CPU, where fp32 is faster here."""
     use = enabled and device.type == "cuda"
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """NHWC layout for 4-D image batches: roughly doubles conv throughput on CPU (oneDNN) and suits
+    tensor cores under AMP on CUDA. Other tensors pass through unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """Convert a model's 4-D conv weights to NHWC (see :func:`channels_last`)."""
+    return module.to(memory_format=torch.channels_last)

@@ -1,0 +1,136 @@
+"""Training-side views of the Parquet index: per-split sentence tables, an in-memory image bank,
+and batch samplers that keep the negatives of Eq. 7 honest (never two sentences of one image)."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from pipeline.data.images import read_image_rgb
+
+
+def split_sentences(images: pd.DataFrame, sentences: pd.DataFrame, split: str) -> pd.DataFrame:
+    """Sentences of one split joined with their image's path and size, in a stable order."""
+    rows = sentences[sentences["split"] == split]
+    if rows.empty:
+        raise ValueError(f"split {split!r} has no sentences in the index")
+    merged = rows.merge(images[["image_id", "path", "width", "height"]], on="image_id", how="left")
+    return merged.sort_values("sent_id", kind="stable").reset_index(drop=True)
+
+
+def stretch_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize an RGB uint8 image to ``size``x``size`` ignoring aspect ratio (as TRIS does).
+
+    Every response map therefore covers the whole image, and mapping it back is a plain resize to the
+    original (height, width): the store records exactly that (``resize: stretch``).
+    """
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+class ImageBank:
+    """Decodes each image once, keeps it stretched to ``size`` as uint8, hands out float batches.
+
+    On the embedded default the whole train split fits in a few tens of MB, which removes JPEG decoding
+    from the training loop entirely. Past ``max_bytes`` images are decoded on every request instead.
+    """
+
+    def __init__(self, paths: dict[int, str | Path], size: int, max_bytes: float = 2e9) -> None:
+        self.paths = paths
+        self.size = size
+        self._cache: dict[int, torch.Tensor] = {}
+        self._capacity = int(max_bytes // (3 * size * size))
+
+    @classmethod
+    def from_index(cls, images: pd.DataFrame, size: int, max_bytes: float = 2e9) -> ImageBank:
+        """A bank over every image of the index's ``images`` table."""
+        return cls(dict(zip(images["image_id"], images["path"], strict=True)), size, max_bytes)
+
+    def get(self, image_id: int) -> torch.Tensor:
+        """``(3, size, size)`` uint8 tensor of one image."""
+        hit = self._cache.get(image_id)
+        if hit is not None:
+            return hit
+        array = stretch_resize(read_image_rgb(self.paths[image_id]), self.size)
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+        if len(self._cache) < self._capacity:
+            self._cache[image_id] = tensor
+        return tensor
+
+    def preload(self, image_ids: Iterable[int], workers: int = 4) -> None:
+        """Decode many images up front with a thread pool (PIL releases the GIL while decoding)."""
+        todo = [int(i) for i in dict.fromkeys(image_ids) if int(i) not in self._cache]
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(self.get, todo))
+
+    def batch(self, image_ids: Iterable[int]) -> torch.Tensor:
+        """``(B, 3, size, size)`` float batch in [0, 1]."""
+        return torch.stack([self.get(int(i)) for i in image_ids]).float().div_(255.0)
+
+
+def one_sentence_per_ref(ref_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Row indices holding one randomly chosen sentence of every referred object.
+
+    An epoch visits each object once with one of its expressions (as the REFER loaders of TRIS and
+    LAVT do), so objects with three expressions are not seen three times as often as others.
+    """
+    order = rng.permutation(len(ref_ids))
+    _, first = np.unique(ref_ids[order], return_index=True)
+    return np.sort(order[first])
+
+
+def distinct_image_batches(image_ids: np.ndarray, batch_size: int, rng: np.random.Generator,
+                           drop_last: bool = True) -> list[np.ndarray]:
+    """Shuffle row indices into batches in which no image appears twice.
+
+    In-batch texts serve as each other's negatives (Eq. 7) and as contrastive pairs (CLIP
+    pretraining); a second sentence of the same image would be a false negative. Rows that would
+    collide wait in a queue for the next batch, so every row is used once per epoch (up to
+    ``drop_last``).
+    """
+    order = rng.permutation(len(image_ids))
+    pending: deque[int] = deque()
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    seen: set[int] = set()
+
+    def offer(row: int) -> bool:
+        img = int(image_ids[row])
+        if img in seen:
+            return False
+        current.append(row)
+        seen.add(img)
+        return True
+
+    for row in order:
+        if not offer(int(row)):
+            pending.append(int(row))
+        if len(current) == batch_size:
+            batches.append(np.array(current))
+            current, seen = [], set()
+            for _ in range(len(pending)):
+                r = pending.popleft()
+                if not offer(r):
+                    pending.append(r)
+                if len(current) == batch_size:
+                    batches.append(np.array(current))
+                    current, seen = [], set()
+    while pending:
+        r = pending.popleft()
+        if not offer(r):
+            if current:
+                batches.append(np.array(current))
+            current, seen = [], set()
+            offer(r)
+        if len(current) == batch_size:
+            batches.append(np.array(current))
+            current, seen = [], set()
+    if current and (not drop_last or not batches):
+        batches.append(np.array(current))
+    return batches

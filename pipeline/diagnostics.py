@@ -1,0 +1,53 @@
+"""Checks that read ground truth on purpose, to tell whether the text-only parts work.
+
+Nothing here feeds training: these functions only report numbers (e.g. whether the frozen CLIP ranks
+the referred object's masked image above the other objects' for the same expression, the premise of
+calibration and PRMS).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.data.images import read_image_rgb
+from pipeline.data.index import decode_mask
+from pipeline.data.samples import stretch_resize
+from pipeline.maps import clip_normalize
+from pipeline.models.clip_backbone import FrozenClip, tokenize
+
+
+@torch.no_grad()
+def masked_object_ranking(frozen: FrozenClip, images: pd.DataFrame, refs: pd.DataFrame,
+                          sentences: pd.DataFrame, split: str, max_tokens: int, size: int,
+                          device: torch.device, max_images: int | None = None) -> dict:
+    """How often the frozen CLIP scores the target's GT-masked image above every other object's
+    GT-masked image of the same image, for the target's own expression (vs chance 1/objects)."""
+    split_refs = refs[refs["split"] == split]
+    image_rows = images.set_index("image_id")
+    hits, total, chance = 0, 0, []
+    for n, (image_id, group) in enumerate(split_refs.groupby("image_id", sort=True)):
+        if max_images is not None and n >= max_images:
+            break
+        if len(group) < 2:
+            continue
+        image = read_image_rgb(image_rows.loc[image_id, "path"])
+        masked = []
+        for _, ref in group.iterrows():
+            mask = decode_mask(ref)[..., None]
+            masked.append(stretch_resize(image * mask, size))
+        batch = torch.from_numpy(np.stack(masked)).permute(0, 3, 1, 2).float().div(255).to(device)
+        img_emb = frozen.encode_image(clip_normalize(batch))
+        ref_ids = group["ref_id"].to_numpy()
+        sents = sentences[sentences["ref_id"].isin(ref_ids)]
+        txt_emb = frozen.encode_text(tokenize(sents["text"].tolist(), max_tokens).to(device))
+        sims = txt_emb @ img_emb.T  # (sentences, objects)
+        target = torch.as_tensor([int(np.flatnonzero(ref_ids == r)[0]) for r in sents["ref_id"]])
+        hits += int((sims.argmax(dim=1).cpu() == target).sum())
+        total += len(sents)
+        chance += [1.0 / len(group)] * len(sents)
+    if total == 0:
+        raise ValueError(f"split {split!r}: no image with two or more referred objects")
+    return {"split": split, "rate": round(hits / total, 4), "chance": round(float(np.mean(chance)), 4),
+            "n": total}

@@ -1,0 +1,132 @@
+"""From dumped Step-1 responses to Step-2 pseudo-masks (the ``make_pseudo_masks`` work, Sec. 3.4).
+
+1. PRMS (Eq. 10) picks, per train object, one of its expressions' response maps.
+2. The chosen map, up-sampled to the working resolution and min-max normalised, is refined
+   (``irn``: CRF-confident seeds -> a learned inter-pixel affinity -> random walk; ``crf``; ``none``).
+3. The refined map is thresholded into a binary pseudo-mask.
+
+Everything runs at the working resolution ``S x S`` (the image stretched like the model input, which is
+also Step-2's input), so the cost per object does not depend on the original image size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.data.samples import ImageBank
+from pipeline.maps import minmax_normalize, upsample
+from pipeline.models.clip_backbone import FrozenClip
+from pipeline.prms import PrmsItem, choose_without_prms, select_batch
+from pipeline.progress import progress
+from pipeline.refine.affinity import AffinityNet, train_affinity
+from pipeline.refine.crf import confident_labels
+from pipeline.refine.pseudo_mask import refine_map, to_pseudo_mask
+from pipeline.store import ResponseStore
+from pipeline.train.step1 import encode_texts
+
+
+@dataclass
+class Selection:
+    """PRMS's choice for each referred object of the split."""
+
+    objects: pd.DataFrame  # ref_id, image_id, height, width, sent_id_selected, num_expressions, changed
+    fg_maps: dict[int, np.ndarray]  # ref_id -> selected map at S x S in [0, 1]
+    first_maps: dict[int, np.ndarray]  # ref_id -> first expression's map (the PRMS-off choice)
+
+
+def load_split_responses(store: ResponseStore, split: str) -> dict[int, np.ndarray]:
+    """sent_id -> raw response, read shard by shard."""
+    out: dict[int, np.ndarray] = {}
+    for batch in store.iter_batches(split, 4096):
+        for sid, resp in zip(batch["sent_id"], batch["response"], strict=True):
+            out[int(sid)] = np.asarray(resp, dtype=np.float32)
+    return out
+
+
+def _working_map(response: np.ndarray, size: int) -> np.ndarray:
+    return minmax_normalize(upsample(torch.from_numpy(response)[None], (size, size))[0]).numpy()
+
+
+def select_responses(sentences: pd.DataFrame, responses: dict[int, np.ndarray], bank: ImageBank,
+                     frozen: FrozenClip | None, *, use_prms: bool, off_choice: str, max_tokens: int,
+                     calibration_size: int, device: torch.device, seed: int,
+                     batch_size: int = 128) -> Selection:
+    """Eq. 10 for every object of ``sentences`` (or the PRMS-off choice when ``use_prms`` is false)."""
+    groups = [(int(ref), g.sort_values("sent_id")) for ref, g in sentences.groupby("ref_id", sort=True)]
+    rng = np.random.default_rng(seed)
+    if use_prms:
+        text_emb = encode_texts(frozen, sentences["text"].tolist(), max_tokens, device).cpu()
+        row_of = {int(s): i for i, s in enumerate(sentences["sent_id"])}
+        items = (PrmsItem(bank.get(int(g["image_id"].iloc[0])).float().div(255),
+                          torch.from_numpy(np.stack([responses[int(s)] for s in g["sent_id"]])),
+                          text_emb[[row_of[int(s)] for s in g["sent_id"]]]) for _, g in groups)
+        encode = lambda x: frozen.encode_image(x.to(device)).cpu()  # noqa: E731
+        picks = [i for i, _ in select_batch(items, encode, calibration_size, batch_size)]
+    else:
+        picks = [choose_without_prms(len(g), off_choice, rng) for _, g in groups]
+    records, fg_maps, first_maps = [], {}, {}
+    for (ref, g), pick in zip(groups, picks, strict=True):
+        sids = g["sent_id"].to_numpy()
+        fg_maps[ref] = _working_map(responses[int(sids[pick])], bank.size)
+        first_maps[ref] = _working_map(responses[int(sids[0])], bank.size)
+        row = g.iloc[0]
+        records.append({"ref_id": ref, "image_id": int(row["image_id"]), "height": int(row["height"]),
+                        "width": int(row["width"]), "sent_id_selected": int(sids[pick]),
+                        "num_expressions": len(sids), "changed": bool(pick != 0)})
+    return Selection(pd.DataFrame.from_records(records), fg_maps, first_maps)
+
+
+def _confident_task(args: tuple) -> np.ndarray:
+    image, fg_map, conf_fg, conf_bg, crf_kwargs = args
+    return confident_labels(image, fg_map, conf_fg, conf_bg, crf_kwargs)
+
+
+def confident_seed_labels(images: Iterable[np.ndarray], fg_maps: Iterable[np.ndarray], conf_fg: float,
+                          conf_bg: float, crf_kwargs: dict, workers: int) -> list[np.ndarray]:
+    """IRN's CRF-cleaned confident fg / bg / ignore labels for every object, in CPU processes."""
+    tasks = [(im, fg, conf_fg, conf_bg, crf_kwargs) for im, fg in zip(images, fg_maps, strict=True)]
+    if workers <= 1:
+        return [_confident_task(t) for t in progress(tasks, desc="crf")]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(progress(pool.map(_confident_task, tasks, chunksize=16), total=len(tasks), desc="crf"))
+
+
+def make_pseudo_masks(selection: Selection, bank: ImageBank, *, method: str, conf_fg: float, conf_bg: float,
+                      crf_kwargs: dict, affinity: dict, random_walk: dict, threshold: float, keep: str,
+                      workers: int, seed: int, device: torch.device
+                      ) -> tuple[dict[int, np.ndarray], AffinityNet | None]:
+    """ref_id -> bool pseudo-mask at S x S, and the trained affinity net (``irn`` only).
+
+    The affinity net learns from the confident labels of at most ``affinity["max_samples"]`` objects
+    (a random subset: boundaries look alike everywhere, and this bounds the CPU time on large sets);
+    refinement then runs image by image, all objects of an image sharing one boundary map.
+    """
+    objects = selection.objects
+    net = None
+    if method == "irn":
+        rng = np.random.default_rng(seed)
+        take = rng.permutation(len(objects))[: affinity["max_samples"]]
+        sub = objects.iloc[np.sort(take)]
+        images = [bank.get(int(i)).permute(1, 2, 0).numpy() for i in sub["image_id"]]
+        fg_maps = [selection.fg_maps[int(r)] for r in sub["ref_id"]]
+        labels = confident_seed_labels(images, fg_maps, conf_fg, conf_bg, crf_kwargs, workers)
+        net = train_affinity(images, labels, input_size=affinity["input_size"], radius=affinity["radius"],
+                             epochs=affinity["epochs"], lr=affinity["lr"],
+                             batch_size=affinity["batch_size"], seed=seed, device=device)
+    masks = {}
+    for image_id, group in progress(list(objects.groupby("image_id", sort=True)), desc="refine"):
+        image = bank.get(int(image_id)).permute(1, 2, 0).numpy()
+        refs = group["ref_id"].astype(int).tolist()
+        refined = refine_map(image, np.stack([selection.fg_maps[r] for r in refs]), method=method,
+                             affinity_net=net, crf_kwargs=crf_kwargs, radius=affinity["radius"],
+                             beta=random_walk["beta"], exp_times=random_walk["exp_times"],
+                             input_size=affinity["input_size"])
+        for ref, soft in zip(refs, refined, strict=True):
+            masks[ref] = to_pseudo_mask(soft, threshold, keep)
+    return masks, net

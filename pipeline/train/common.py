@@ -1,0 +1,111 @@
+"""What every training loop here shares: optimiser and polynomial decay, resumable checkpoints,
+a NaN guard, and a fingerprint that stops a resume from mixing two different configurations."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.atomic import atomic_file
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised instead of writing a garbage checkpoint when a loss term turns NaN or inf."""
+
+
+def check_finite(stage: str, epoch: int, step: int, terms: dict[str, torch.Tensor]) -> None:
+    """Stop the run with a message naming the stage, step and offending term."""
+    for name, value in terms.items():
+        if not torch.isfinite(value).all():
+            raise NonFiniteLossError(
+                f"{stage}: loss term {name!r} became {value.item()} at epoch {epoch}, step {step}; "
+                "stopping before a checkpoint is written (try a lower lr or disable amp)"
+            )
+
+
+def build_optimizer(backbone: Iterable[nn.Parameter], head: Iterable[nn.Parameter], lr: float,
+                    backbone_lr_mult: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the pretrained encoders at ``lr * backbone_lr_mult`` and new layers at ``lr``
+    (the paper's optimiser; the multiplier follows the authors' ``lr_multi``)."""
+    groups = [
+        {"params": [p for p in backbone if p.requires_grad], "lr": lr * backbone_lr_mult},
+        {"params": [p for p in head if p.requires_grad], "lr": lr},
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+def poly_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
+                   power: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Polynomial decay per iteration: lr_t = lr_0 * (1 - t / T) ** power."""
+    total = max(1, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: max(0.0, 1 - t / total) ** power)
+
+
+def warmup_cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
+                            warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then cosine decay (used for the from-scratch CLIP pretraining)."""
+    total = max(1, total_steps)
+
+    def factor(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (t - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def file_digest(paths: Iterable[str | Path]) -> str:
+    """md5 over the bytes of the given files (or every file below given directories), in path order."""
+    h = hashlib.md5()
+    for root in sorted(Path(p) for p in paths):
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+        for f in files:
+            h.update(str(f.relative_to(root.parent)).encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(config: dict[str, Any], inputs: Iterable[str | Path]) -> str:
+    """Identity of a training run: its parameters plus the content of its inputs."""
+    blob = json.dumps(config, sort_keys=True, default=str) + file_digest(inputs)
+    return hashlib.md5(blob.encode()).hexdigest()
+
+
+def save_resume_state(path: Path, *, fingerprint: str, epoch: int, step: int, model: nn.Module,
+                      optimizer: torch.optim.Optimizer, scheduler: Any, extra: dict | None = None) -> None:
+    """Atomically write everything needed to continue after a kill (``epoch`` = epochs completed)."""
+    state = {
+        "fingerprint": fingerprint,
+        "epoch": epoch,
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "extra": extra or {},
+    }
+    with atomic_file(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_resume_state(path: Path, expected_fingerprint: str) -> dict | None:
+    """The saved state if it belongs to this exact configuration, else ``None`` (start fresh)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # a torn or foreign file is not worth crashing over: retrain
+        return None
+    if state.get("fingerprint") != expected_fingerprint:
+        return None
+    return state

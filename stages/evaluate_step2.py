@@ -1,0 +1,36 @@
+"""Stage evaluate_step2: the Step-2 segmenter (its own class, loaded from its own checkpoint) on each
+evaluation split; writes ``artifacts/reports/step2.json`` with the same keys as ``step1.json``
+(PointM / PointIt from the argmax of the predicted probability map)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import paths  # noqa: E402
+from pipeline.atomic import write_json  # noqa: E402
+from pipeline.data.index import load_index  # noqa: E402
+from pipeline.data.samples import ImageBank, split_sentences  # noqa: E402
+from pipeline.evaluation import GroundTruth, iter_segmenter_probs, score_maps  # noqa: E402
+from pipeline.predict import load_segmenter  # noqa: E402
+from pipeline.stage import StageTimer, start_stage  # noqa: E402
+
+
+def main() -> None:
+    params, device = start_stage("evaluate_step2")
+    model, meta = load_segmenter(paths.STEP2 / "model.pt")
+    index = load_index(paths.INDEX)
+    gt = GroundTruth(index.refs)
+    bank = ImageBank.from_index(index.images, meta["input_size"])
+    report = {}
+    with StageTimer("evaluate_step2"):
+        for split in params.data.eval_splits:
+            rows = split_sentences(index.images, index.sentences, split)
+            probs = iter_segmenter_probs(model, bank, rows, 32, meta["max_tokens"], device)
+            report[split], _ = score_maps(probs, gt, params.evaluate.step2_threshold)
+            print(f"[evaluate_step2] {split}: {report[split]}")
+    write_json(paths.REPORTS / "step2.json", report)
+
+
+if __name__ == "__main__":
+    main()

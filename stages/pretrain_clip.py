@@ -1,0 +1,59 @@
+"""Stage pretrain_clip: the CLIP every later stage starts from and freezes.
+
+Embedded default (``model.clip.pretrained: embedded``): train the small open_clip model contrastively on
+the train split's (image, expression) pairs. Otherwise: record the open_clip name and tag / local
+checkpoint path (loaded once here so a bad path fails now, not three stages later).
+Either way, report on val how often the frozen CLIP ranks the referred object's GT-masked image first
+(a diagnostic; training never reads masks).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pipeline import paths  # noqa: E402
+from pipeline.atomic import atomic_dir, write_json  # noqa: E402
+from pipeline.data.index import load_index  # noqa: E402
+from pipeline.data.samples import ImageBank, split_sentences  # noqa: E402
+from pipeline.diagnostics import masked_object_ranking  # noqa: E402
+from pipeline.models.clip_artifact import WEIGHTS_FILE, clip_spec, load_clip, write_clip_spec  # noqa: E402
+from pipeline.models.clip_backbone import FrozenClip, build_clip  # noqa: E402
+from pipeline.stage import StageTimer, start_stage  # noqa: E402
+from pipeline.train.clip_pretrain import PretrainConfig, pretrain_clip  # noqa: E402
+from pipeline.train.live import open_live  # noqa: E402
+
+
+def main() -> None:
+    params, device = start_stage("pretrain_clip")
+    clip_p, cfg = params.model.clip, params.pretrain_clip
+    index = load_index(paths.INDEX)
+    with StageTimer("pretrain_clip"), atomic_dir(paths.CLIP) as out:
+        if clip_p.pretrained == "embedded":
+            tiny = clip_p.tiny.model_dump()
+            model = build_clip(clip_p.name, None, tiny=tiny, context_length=params.model.max_tokens)
+            train = split_sentences(index.images, index.sentences, "train")
+            bank = ImageBank.from_index(index.images, clip_p.tiny.image_size)
+            live, log = open_live(out / "live")
+            pretrain_clip(model, bank, train, PretrainConfig(
+                epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                warmup_steps=cfg.warmup_steps, erase_prob=cfg.erase_prob,
+                max_tokens=params.model.max_tokens, seed=params.base.seed), device, log=log)
+            live.end()
+            torch.save(model.state_dict(), out / WEIGHTS_FILE)
+            write_clip_spec(out, clip_spec(clip_p.name, WEIGHTS_FILE, tiny, params.model.max_tokens))
+        else:
+            write_clip_spec(out, clip_spec(clip_p.name, clip_p.pretrained, None, 77))
+        frozen = FrozenClip(load_clip(out)).to(device)
+        split = params.data.eval_splits[0]
+        ranking = masked_object_ranking(frozen, index.images, index.refs, index.sentences, split,
+                                        params.model.max_tokens, frozen.image_size, device)
+        print(f"[pretrain_clip] frozen CLIP ranks the GT-masked target first for {ranking['rate']:.3f} "
+              f"of {split} expressions (chance {ranking['chance']:.3f})")
+    write_json(paths.REPORTS / "clip_diagnostic.json", ranking)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Stage train_step1: the TRIS localiser trained from text alone (Eq. 1-9).
+
+Resumable: after every epoch ``artifacts/step1/resume.pt`` records model, optimiser, scheduler and a
+fingerprint of params + inputs. The output directory is a DVC ``persist`` out, so after a kill the next
+``dvc repro`` continues from the last finished epoch (set ``step1.resume: false`` to always start over).
+The final weights are ``model.pt`` (last epoch: model selection reads no ground truth).
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import paths  # noqa: E402
+from pipeline.data.index import load_index  # noqa: E402
+from pipeline.data.samples import ImageBank, split_sentences  # noqa: E402
+from pipeline.models.checkpoints import build_localiser, save_localiser  # noqa: E402
+from pipeline.models.clip_artifact import load_clip  # noqa: E402
+from pipeline.models.clip_backbone import FrozenClip  # noqa: E402
+from pipeline.stage import StageTimer, start_stage  # noqa: E402
+from pipeline.train.common import fingerprint, load_resume_state  # noqa: E402
+from pipeline.train.live import open_live  # noqa: E402
+from pipeline.train.step1 import Step1TrainConfig, train_step1  # noqa: E402
+
+
+def main() -> None:
+    params, device = start_stage("train_step1")
+    p = params.step1
+    out = paths.STEP1
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.pt").unlink(missing_ok=True)
+    meta = {"clip_dir": str(paths.CLIP), "hidden_dim": params.model.hidden_dim, "prompt": p.prompt,
+            "alpha": p.alpha, "beta": p.beta, "input_size": p.input_size,
+            "max_tokens": params.model.max_tokens}
+    cfg = Step1TrainConfig(
+        epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, backbone_lr_mult=p.backbone_lr_mult,
+        weight_decay=p.weight_decay, poly_power=p.poly_power, num_negatives=p.num_negatives,
+        calibration_negatives=p.calibration_negatives, cls_weight=p.cls_weight,
+        calibration_positive=p.calibration_positive, calibration_negative=p.calibration_negative,
+        calibration_size=p.calibration_size, calibration_score=p.calibration_score,
+        focal_power=p.focal_power, focal_eps=p.focal_eps, max_tokens=params.model.max_tokens,
+        amp=p.amp, seed=params.base.seed)
+    run_id = fingerprint({"step1": p.model_dump(), "meta": meta, "seed": params.base.seed},
+                         [paths.INDEX, paths.CLIP])
+    resume_path = out / "resume.pt"
+    if not p.resume:
+        resume_path.unlink(missing_ok=True)
+    resuming = load_resume_state(resume_path, run_id) is not None
+    if not resuming:
+        shutil.rmtree(out / "live", ignore_errors=True)
+
+    index = load_index(paths.INDEX)
+    train = split_sentences(index.images, index.sentences, "train")
+    bank = ImageBank.from_index(index.images, p.input_size)
+    model = build_localiser(paths.CLIP, meta)
+    if p.init_projectors == "clip" and not resuming and not model.init_projectors_from_clip():
+        sys.exit("train_step1: step1.init_projectors=clip needs a ResNet CLIP and model.hidden_dim equal to "
+                 "its embedding width; set step1.init_projectors=random or fix model.hidden_dim")
+    frozen = FrozenClip(load_clip(paths.CLIP))
+    live, log = open_live(out / "live", resume=resuming)
+    with StageTimer("train_step1"):
+        train_step1(model, frozen, bank, train, cfg, device, resume_path=resume_path,
+                    fingerprint=run_id, log=log)
+    live.end()
+    save_localiser(out / "model.pt", model.cpu(), meta)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Stage train_step2: the referring segmenter (CLIP encoders + non-local fusion on the last three
+stages + symmetric decoder) trained with cross-entropy on the pseudo-masks only, never on GT.
+
+Resumable like train_step1 (``artifacts/step2`` is a DVC ``persist`` out holding ``resume.pt``).
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import paths  # noqa: E402
+from pipeline.data.index import load_index  # noqa: E402
+from pipeline.data.samples import ImageBank, split_sentences  # noqa: E402
+from pipeline.models.clip_artifact import load_clip, read_clip_spec  # noqa: E402
+from pipeline.models.clip_backbone import ClipBackbone  # noqa: E402
+from pipeline.models.segmenter import ReferringSegmenter  # noqa: E402
+from pipeline.predict import save_segmenter  # noqa: E402
+from pipeline.stage import StageTimer, start_stage  # noqa: E402
+from pipeline.store import open_pseudo_masks  # noqa: E402
+from pipeline.train.common import fingerprint, load_resume_state  # noqa: E402
+from pipeline.train.live import open_live  # noqa: E402
+from pipeline.train.step2 import Step2TrainConfig, train_step2  # noqa: E402
+
+
+def main() -> None:
+    params, device = start_stage("train_step2")
+    p = params.step2
+    out = paths.STEP2
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.pt").unlink(missing_ok=True)
+    spec = read_clip_spec(paths.CLIP)
+    meta = {"clip_name": spec["name"], "clip_tiny": spec["tiny"], "context_length": spec["context_length"],
+            "max_tokens": params.model.max_tokens, "input_size": p.input_size,
+            "fusion_dim": p.fusion_dim, "decoder_dim": p.decoder_dim}
+    run_id = fingerprint({"step2": p.model_dump(), "meta": meta, "seed": params.base.seed},
+                         [paths.INDEX, paths.CLIP, paths.PSEUDO_MASKS])
+    resume_path = out / "resume.pt"
+    if not p.resume:
+        resume_path.unlink(missing_ok=True)
+    resuming = load_resume_state(resume_path, run_id) is not None
+    if not resuming:
+        shutil.rmtree(out / "live", ignore_errors=True)
+
+    index = load_index(paths.INDEX)
+    train = split_sentences(index.images, index.sentences, "train")
+    store = open_pseudo_masks(paths.PSEUDO_MASKS)
+    masks_by_ref = {int(r): store.get("train", int(r)) for r in store.ref_ids("train")}
+    bank = ImageBank.from_index(index.images, p.input_size)
+    model = ReferringSegmenter(ClipBackbone(load_clip(paths.CLIP)), p.fusion_dim, p.decoder_dim)
+    cfg = Step2TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
+                           backbone_lr_mult=p.backbone_lr_mult, weight_decay=p.weight_decay,
+                           poly_power=p.poly_power, max_tokens=params.model.max_tokens, amp=p.amp,
+                           seed=params.base.seed)
+    live, log = open_live(out / "live", resume=resuming)
+    with StageTimer("train_step2"):
+        train_step2(model, bank, train, masks_by_ref, cfg, device, resume_path=resume_path,
+                    fingerprint=run_id, log=log)
+    live.end()
+    save_segmenter(out / "model.pt", model.cpu(), meta)
+
+
+if __name__ == "__main__":
+    main()
