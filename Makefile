@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install repro test lint bench ablations
+.PHONY: install repro test bench
 
 install:
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
@@ -12,11 +12,8 @@ repro: install
 	dvc repro
 
 test: install
-	$(PYTHON) -m ruff check pipeline stages tests bench scripts
+	$(PYTHON) -m ruff check pipeline stages tests bench
 	$(PYTHON) -m pytest -q
 
 bench: install
-	$(PYTHON) bench/run_all.py
-
-ablations: install
-	$(PYTHON) scripts/ablations.py
+	$(PYTHON) -m bench.random_walk_memory

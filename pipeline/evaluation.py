@@ -7,7 +7,7 @@ outputs are probabilities already.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 
 import numpy as np
@@ -15,8 +15,10 @@ import pandas as pd
 import torch
 
 from pipeline.data.index import decode_mask
-from pipeline.maps import minmax_normalize, upsample
+from pipeline.data.samples import ImageBank
+from pipeline.maps import clip_normalize, minmax_normalize, upsample
 from pipeline.metrics import aggregate, chance_baselines, score_sentence
+from pipeline.models.clip_backbone import tokenize
 from pipeline.store import ResponseStore
 
 
@@ -69,31 +71,10 @@ def evaluate_responses(store: ResponseStore, split: str, gt: GroundTruth,
     return metrics, table
 
 
-def pick_cases(table: pd.DataFrame, per_group: int, key: str = "iou") -> dict[str, list[int]]:
-    """sent_ids of the best, median and worst ``per_group`` sentences by ``key`` (stable order)."""
-    ordered = table.sort_values([key, "sent_id"], ascending=[False, True], kind="stable")
-    ids = ordered["sent_id"].tolist()
-    mid = max(0, len(ids) // 2 - per_group // 2)
-    return {"best": ids[:per_group], "median": ids[mid:mid + per_group],
-            "worst": ids[::-1][:per_group]}
-
-
-def split_report(per_split: dict[str, Callable[[], tuple[dict, pd.DataFrame]]]) -> tuple[dict, dict]:
-    """Run each split's evaluation; return ``{split: metrics}`` and ``{split: table}``."""
-    metrics, tables = {}, {}
-    for split, run in per_split.items():
-        metrics[split], tables[split] = run()
-        print(f"  {split}: " + ", ".join(f"{k}={v}" for k, v in metrics[split].items()))
-    return metrics, tables
-
-
 @torch.inference_mode()
-def iter_segmenter_probs(model: torch.nn.Module, bank, sentences: pd.DataFrame, batch_size: int,
-                         max_tokens: int, device: torch.device):
+def iter_segmenter_probs(model: torch.nn.Module, bank: ImageBank, sentences: pd.DataFrame, batch_size: int,
+                         max_tokens: int, device: torch.device) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield ``(sent_id, ref_id, probability map at original size)`` of the Step-2 network."""
-    from pipeline.maps import clip_normalize
-    from pipeline.models.clip_backbone import tokenize
-
     model.to(device).eval()
     texts = sentences["text"].tolist()
     for start in range(0, len(sentences), batch_size):

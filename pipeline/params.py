@@ -172,6 +172,7 @@ class PseudoMaskParams(_Strict):
     prms: bool = True
     prms_off_choice: Literal["first", "random"] = "first"
     refine: Literal["irn", "crf", "none"] = "irn"
+    walk_seed: Literal["confident", "map"] = "confident"
     conf_fg: float = Field(0.30, ge=0, le=1)
     conf_bg: float = Field(0.05, ge=0, le=1)
     threshold: float = Field(0.25, ge=0, le=1)

@@ -99,31 +99,40 @@ def confident_seed_labels(images: Iterable[np.ndarray], fg_maps: Iterable[np.nda
 
 def make_pseudo_masks(selection: Selection, bank: ImageBank, *, method: str, conf_fg: float, conf_bg: float,
                       crf_kwargs: dict, affinity: dict, random_walk: dict, threshold: float, keep: str,
-                      workers: int, seed: int, device: torch.device
+                      workers: int, seed: int, device: torch.device, walk_seed: str = "confident"
                       ) -> tuple[dict[int, np.ndarray], AffinityNet | None]:
     """ref_id -> bool pseudo-mask at S x S, and the trained affinity net (``irn`` only).
 
     The affinity net learns from the confident labels of at most ``affinity["max_samples"]`` objects
     (a random subset: boundaries look alike everywhere, and this bounds the CPU time on large sets);
     refinement then runs image by image, all objects of an image sharing one boundary map.
+    ``walk_seed="confident"`` starts the random walk from the map restricted to its CRF-confident
+    foreground instead of the whole map (IRN walks from CAMs, which are peaky; Step-1's stride-32 maps are
+    spread out, and walking them keeps their spill into the background); ``"map"`` is IRN's choice.
     """
     objects = selection.objects
     net = None
+    seeds = {int(r): selection.fg_maps[int(r)] for r in objects["ref_id"]}
     if method == "irn":
         rng = np.random.default_rng(seed)
-        take = rng.permutation(len(objects))[: affinity["max_samples"]]
-        sub = objects.iloc[np.sort(take)]
-        images = [bank.get(int(i)).permute(1, 2, 0).numpy() for i in sub["image_id"]]
-        fg_maps = [selection.fg_maps[int(r)] for r in sub["ref_id"]]
+        rows = objects if walk_seed == "confident" else objects.iloc[
+            np.sort(rng.permutation(len(objects))[: affinity["max_samples"]])]
+        images = [bank.get(int(i)).permute(1, 2, 0).numpy() for i in rows["image_id"]]
+        fg_maps = [seeds[int(r)] for r in rows["ref_id"]]
         labels = confident_seed_labels(images, fg_maps, conf_fg, conf_bg, crf_kwargs, workers)
-        net = train_affinity(images, labels, input_size=affinity["input_size"], radius=affinity["radius"],
-                             epochs=affinity["epochs"], lr=affinity["lr"],
-                             batch_size=affinity["batch_size"], seed=seed, device=device)
+        take = np.sort(rng.permutation(len(rows))[: affinity["max_samples"]])
+        net = train_affinity([images[i] for i in take], [labels[i] for i in take],
+                             input_size=affinity["input_size"], radius=affinity["radius"],
+                             epochs=affinity["epochs"], lr=affinity["lr"], batch_size=affinity["batch_size"],
+                             seed=seed, device=device)
+        if walk_seed == "confident":  # walk from the CRF-confident foreground, not the whole coarse map
+            for ref, lab in zip(rows["ref_id"], labels, strict=True):
+                seeds[int(ref)] = seeds[int(ref)] * (lab == 1)
     masks = {}
     for image_id, group in progress(list(objects.groupby("image_id", sort=True)), desc="refine"):
         image = bank.get(int(image_id)).permute(1, 2, 0).numpy()
         refs = group["ref_id"].astype(int).tolist()
-        refined = refine_map(image, np.stack([selection.fg_maps[r] for r in refs]), method=method,
+        refined = refine_map(image, np.stack([seeds[r] for r in refs]), method=method,
                              affinity_net=net, crf_kwargs=crf_kwargs, radius=affinity["radius"],
                              beta=random_walk["beta"], exp_times=random_walk["exp_times"],
                              input_size=affinity["input_size"])

@@ -53,7 +53,8 @@ def main() -> None:
         masks, net = make_pseudo_masks(
             sel, bank, method=p.refine, conf_fg=p.conf_fg, conf_bg=p.conf_bg, crf_kwargs=p.crf.model_dump(),
             affinity=p.affinity.model_dump(), random_walk=p.random_walk.model_dump(), threshold=p.threshold,
-            keep=p.keep, workers=p.workers, seed=params.base.seed, device=device)
+            keep=p.keep, workers=p.workers, seed=params.base.seed, device=device,
+            walk_seed=p.walk_seed)
     objects = sel.objects
     with atomic_dir(paths.AFFINITY) as out:
         torch.save({"model": net.state_dict() if net else None, "input_size": p.affinity.input_size},

@@ -31,7 +31,7 @@ def stretch_resize(image: np.ndarray, size: int) -> np.ndarray:
     Every response map therefore covers the whole image, and mapping it back is a plain resize to the
     original (height, width): the store records exactly that (``resize: stretch``).
     """
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    return np.array(Image.fromarray(image).resize((size, size), Image.BILINEAR))  # writable copy
 
 
 class ImageBank:
@@ -58,7 +58,7 @@ class ImageBank:
         if hit is not None:
             return hit
         array = stretch_resize(read_image_rgb(self.paths[image_id]), self.size)
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+        tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
         if len(self._cache) < self._capacity:
             self._cache[image_id] = tensor
         return tensor
