@@ -81,7 +81,9 @@ def iter_segmenter_probs(model: torch.nn.Module, bank: ImageBank, sentences: pd.
         part = sentences.iloc[start:start + batch_size]
         images = clip_normalize(bank.batch(part["image_id"]).to(device))
         tokens = tokenize(texts[start:start + batch_size], max_tokens).to(device)
-        probs = torch.sigmoid(model(images, tokens).float())[:, 0].cpu()
+        logits = model(images, tokens).float()[:, 0].cpu()
         for k, row in enumerate(part.itertuples()):
-            prob = upsample(probs[k:k + 1], (int(row.height), int(row.width)))[0].numpy()
-            yield int(row.sent_id), int(row.ref_id), prob
+            # up-sample logits, then sigmoid in float64: float32 saturates to exactly 1.0 past ~17,
+            # which would turn the PointM / PointIt argmax into "first saturated pixel in raster order"
+            up = upsample(logits[k:k + 1], (int(row.height), int(row.width)))[0].double()
+            yield int(row.sent_id), int(row.ref_id), torch.sigmoid(up).numpy()
