@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,6 @@ def start_stage(name: str, params_path: str | Path = "params.yaml") -> tuple[Par
     seed_everything(params.base.seed)
     configure_threads(params.base.threads)
     device = select_device(params.base.device)
-    os.environ.setdefault("TQDM_MININTERVAL", "5")
     print(f"[{name}] device={device} seed={params.base.seed} threads={torch.get_num_threads()}")
     return params, device
 
