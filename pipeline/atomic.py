@@ -69,3 +69,16 @@ def write_json(target: str | Path, payload: Any) -> None:
     """Atomically write ``payload`` as indented JSON (NaN is refused: metrics must be real numbers)."""
     with atomic_file(target) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def save_torch(target: str | Path, obj: Any) -> None:
+    """Atomically ``torch.save`` ``obj`` to ``target``.
+
+    Saving through a file handle fixes the zip archive's internal record prefix (torch derives it from
+    the file name otherwise, here a random temporary name), so the same weights give the same bytes and
+    DVC hashes of checkpoints are reproducible run to run.
+    """
+    import torch
+
+    with atomic_file(target) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from pipeline.atomic import atomic_file
+from pipeline.atomic import atomic_file, save_torch
 from pipeline.data.images import UnreadableImageError, read_image_rgb
 from pipeline.data.samples import stretch_resize
 from pipeline.maps import clip_normalize, upsample
@@ -47,8 +47,7 @@ def save_segmenter(path: str | Path, model: ReferringSegmenter, meta: dict[str, 
     if missing:
         raise ValueError(f"segmenter meta lacks {missing}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_file(path) as tmp:
-        torch.save({"model": state, "meta": dict(meta)}, tmp)
+    save_torch(path, {"model": state, "meta": dict(meta)})
 
 
 def load_segmenter(checkpoint_path: str | Path) -> tuple[ReferringSegmenter, dict[str, Any]]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.atomic import atomic_file
+from pipeline.atomic import save_torch
 from pipeline.models.clip_artifact import load_clip
 from pipeline.models.clip_backbone import ClipBackbone
 from pipeline.models.step1 import TRISLocaliser
@@ -14,8 +14,7 @@ from pipeline.models.step1 import TRISLocaliser
 
 def save_localiser(path: Path, model: TRISLocaliser, meta: dict) -> None:
     """``meta`` holds clip_dir, hidden_dim, prompt, alpha, beta, input_size, max_tokens."""
-    with atomic_file(path) as tmp:
-        torch.save({"model": model.state_dict(), "meta": meta}, tmp)
+    save_torch(path, {"model": model.state_dict(), "meta": meta})
 
 
 def build_localiser(clip_dir: str | Path, meta: dict) -> TRISLocaliser:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.atomic import atomic_file
+from pipeline.atomic import save_torch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -94,8 +94,7 @@ def save_resume_state(path: Path, *, fingerprint: str, epoch: int, step: int, mo
         "rng": torch.get_rng_state(),
         "extra": extra or {},
     }
-    with atomic_file(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(path, state)
 
 
 def load_resume_state(path: Path, expected_fingerprint: str) -> dict | None:

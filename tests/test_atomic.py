@@ -1,0 +1,29 @@
+"""Outputs appear whole or not at all, and checkpoints are byte-reproducible."""
+
+import hashlib
+
+import pytest
+import torch
+
+from pipeline.atomic import atomic_dir, save_torch
+
+
+def test_failed_block_leaves_previous_output_and_no_temporaries(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("previous")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "half.txt").write_text("partial")
+        raise RuntimeError("crash mid-write")
+    assert (target / "old.txt").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_same_weights_give_the_same_checkpoint_bytes(tmp_path):
+    state = torch.nn.Linear(4, 2).state_dict()
+    digests = set()
+    for name in ("a.pt", "b.pt"):  # different targets, hence different temporary names
+        save_torch(tmp_path / name, state)
+        digests.add(hashlib.md5((tmp_path / name).read_bytes()).hexdigest())
+    assert len(digests) == 1
+    assert torch.equal(torch.load(tmp_path / "a.pt")["weight"], state["weight"])
