@@ -12,7 +12,7 @@ repro: install
 	dvc repro
 
 test: install
-	$(PYTHON) -m ruff check pipeline stages tests bench
+	$(PYTHON) -m ruff check pipeline stages tests bench scripts
 	$(PYTHON) -m pytest -q
 
 bench: install

@@ -1,0 +1,88 @@
+"""The ablation queue script: valid overrides, per-stage targets, and result collection from real DVC."""
+
+import copy
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import parse_params
+from scripts.ablations import (
+    ABLATIONS,
+    STEP1_METRICS,
+    collect_metrics,
+    experiments_to_run,
+    queue_command,
+    render_markdown,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _override(raw: dict, dotted: str, value: object) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    assert leaf in node, f"{dotted} is not a key of params.yaml"
+    node[leaf] = value
+
+
+def test_every_ablation_is_a_valid_params_override():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for ablation in experiments_to_run():
+        changed = copy.deepcopy(raw)
+        for key, value in ablation.params.items():
+            _override(changed, key, value)
+        assert changed != raw, ablation.name
+        parse_params(changed)  # raises on a wrong type or value
+
+
+def test_queue_commands_name_each_experiment_and_stop_at_their_stage():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    names = [a.name for a in experiments_to_run()]
+    assert len(names) == len(set(names)) == 13  # 5 (Table 3) + 1 (Table 4) + 7 (Table 5)
+    for ablation in experiments_to_run():
+        cmd = queue_command(ablation)
+        assert cmd[:5] == ["exp", "run", "--queue", "-n", ablation.name]
+        assert cmd[-1] in stages
+        assert cmd.count("-S") == len(ablation.params)
+    assert "step1.num_negatives=0" in queue_command(next(a for a in ABLATIONS if a.name == "abl-t5-n1"))
+
+
+def test_render_markdown_shows_our_percentages_beside_the_papers():
+    baseline = {"mIoU": 0.25, "PointIt": 0.5, "P@0.5": 0.1, "PointM": 0.4}
+    results = {"baseline": {STEP1_METRICS: {"val": baseline}},
+               "abl-t3-cls": {STEP1_METRICS: {"val": {"mIoU": 0.125, "PointIt": 0.3, "P@0.5": 0.0,
+                                                      "PointM": 0.2}}}}
+    table = render_markdown(results)
+    assert "| L_cls only | 12.50 (18.94) | 30.00 (51.42) | 0.00 (3.87) | 20.00 (36.93) |" in table
+    assert "| N + 1 = 48 | 25.00 (27.81) | 50.00 (66.99) | 40.00 (53.69) |" in table
+    assert "| K = 3 | – (27.05) |" in table  # not run yet: a dash, never a made-up value
+
+
+@pytest.mark.skipif(shutil.which("dvc") is None or shutil.which("git") is None, reason="needs dvc and git")
+def test_collect_metrics_reads_real_dvc_exp_show_output(tmp_path):
+    run = lambda *cmd: subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, text=True)  # noqa: E731
+    run("git", "init", "-q")
+    run("git", "config", "user.email", "ci@example.com")
+    run("git", "config", "user.name", "ci")
+    run("dvc", "init", "-q")
+    (tmp_path / "params.yaml").write_text("a:\n  x: 1\n")
+    (tmp_path / "write.py").write_text(
+        "import json, yaml\nx = yaml.safe_load(open('params.yaml'))['a']['x']\n"
+        "json.dump({'val': {'PointM': x / 10}}, open('m.json', 'w'))\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: python write.py\n    deps: [write.py]\n    params: [a.x]\n"
+        "    metrics: [m.json: {cache: false}]\n")
+    run("dvc", "repro", "-q")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "baseline")
+    run("dvc", "exp", "run", "-q", "-n", "abl-x3", "-S", "a.x=3")
+    shown = json.loads(run("dvc", "exp", "show", "--json").stdout)
+    results = collect_metrics(shown)
+    assert results["baseline"]["m.json"] == {"val": {"PointM": 0.1}}
+    assert results["abl-x3"]["m.json"] == {"val": {"PointM": 0.3}}
