@@ -1,12 +1,15 @@
 """Write outputs to a temporary sibling path and move them into place.
 
 A crash (or ``kill -9``) mid-write then leaves the previous output, or nothing, never a half-written
-table, store or checkpoint that DVC or a later stage would mistake for a finished one.
+table, store or checkpoint that DVC or a later stage would mistake for a finished one. The temporary
+that a killed writer leaves behind (``.<name>.<random>.tmp``) is removed by the next write of the same
+target.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -18,6 +21,8 @@ from typing import Any
 
 def _tmp_sibling(target: Path, is_dir: bool) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):  # left by a killed writer
+        _remove(stale)
     if is_dir:
         return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

@@ -26,6 +26,8 @@ class BaseParams(_Strict):
     device: str = Field("auto", description="auto (CUDA if present, else CPU) | cpu | cuda | cuda:N")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0 = torch's default")
+    nproc: int = Field(1, ge=1, description="processes for train_step1/2 and dump_responses; > 1 launches "
+                       "the stage through torchrun (one per GPU on CUDA, gloo on CPU)")
 
 
 class ReferSource(_Strict):
@@ -111,6 +113,10 @@ class OptimParams(_Strict):
     batch_size: int = Field(48, ge=1)
     amp: bool = True
     resume: bool = True
+    freeze_batchnorm: bool = Field(
+        False, description="keep BatchNorm statistics fixed (eval mode) while training; makes results "
+        "independent of the per-process batch under DDP on CPU, where SyncBatchNorm is unavailable")
+    compile: bool = Field(False, description="torch.compile the trained model (CUDA: faster steps)")
 
 
 class Step1Params(OptimParams):

@@ -8,7 +8,7 @@ time, so the store stays a few hundred bytes per sentence.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,18 +24,21 @@ from pipeline.runtime import channels_last, to_channels_last
 
 @torch.inference_mode()
 def iter_responses(model: TRISLocaliser, bank: ImageBank, sentences: pd.DataFrame, batch_size: int,
-                   max_tokens: int, device: torch.device,
-                   desc: str = "responses") -> Iterator[tuple[int, np.ndarray]]:
+                   max_tokens: int, device: torch.device, desc: str = "responses",
+                   ranges: Sequence[tuple[int, int]] | None = None,
+                   show_progress: bool = True) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start_row, responses (b, h, w) float32)`` over ``sentences`` in their row order.
 
     A batch holds ``batch_size`` sentences; each distinct image among them is encoded once (an image
-    has several expressions), which is most of the cost.
+    has several expressions), which is most of the cost. ``ranges`` restricts the work to row ranges
+    ``[start, stop)`` (a rank's shards); batches never cross a range boundary.
     """
     to_channels_last(model.to(device)).eval()
     texts = sentences["text"].tolist()
     image_ids = sentences["image_id"].to_numpy()
-    for start in progress(range(0, len(sentences), batch_size), desc=desc):
-        stop = min(start + batch_size, len(sentences))
+    ranges = [(0, len(sentences))] if ranges is None else ranges
+    batches = [(s, min(s + batch_size, e)) for b, e in ranges for s in range(b, e, batch_size)]
+    for start, stop in progress(batches, desc=desc, disable=not show_progress or None):
         unique, index = np.unique(image_ids[start:stop], return_inverse=True)
         images = channels_last(clip_normalize(bank.batch(unique).to(device)))
         tokens = tokenize(texts[start:stop], max_tokens).to(device)

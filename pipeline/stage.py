@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.distributed import DistContext, init_distributed, relaunch_under_torchrun
 from pipeline.params import Params, ParamsError, load_params
 from pipeline.runtime import configure_threads, seed_everything, select_device
 
@@ -23,6 +24,17 @@ def start_stage(name: str, params_path: str | Path = "params.yaml") -> tuple[Par
     device = select_device(params.base.device)
     print(f"[{name}] device={device} seed={params.base.seed} threads={torch.get_num_threads()}")
     return params, device
+
+
+def start_distributed_stage(name: str, params_path: str | Path = "params.yaml"
+                            ) -> tuple[Params, torch.device, DistContext]:
+    """:func:`start_stage`, then re-exec under torchrun when ``base.nproc > 1`` and join the job."""
+    params, device = start_stage(name, params_path)
+    relaunch_under_torchrun(params.base.nproc)
+    dist, device = init_distributed(device)
+    if dist.enabled:
+        print(f"[{name}] rank {dist.rank} of {dist.world_size} on {device}", flush=True)
+    return params, device, dist
 
 
 class StageTimer:

@@ -16,6 +16,11 @@ Writers build the store in a temporary sibling directory and move it onto the ta
 ``with`` block ends without error and every preallocated row was written (:func:`pipeline.atomic.atomic_dir`),
 so a crashed dump never leaves a half-filled store behind. Metadata is consolidated so that
 ``xarray.open_zarr(path, group=split)`` opens a split directly.
+
+Several processes (torchrun ranks) can fill one store: rank 0 creates the temporary store and the
+arrays, each rank writes only the shards :meth:`ShardedRecordWriter.owned_ranges` gives it (shard k goes
+to rank k mod world size, so no two writers ever touch one shard file), and rank 0 gathers the small
+columns, checks that every row arrived exactly once, and moves the store into place.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import numpy as np
 import zarr
 
 from pipeline.atomic import atomic_dir
+from pipeline.distributed import SINGLE_PROCESS, DistContext
 
 FORMAT_VERSION = 1
 RESPONSE_KIND = "responses"
@@ -91,6 +97,7 @@ class ShardedRecordWriter:
         column_dtypes: Mapping[str, np.dtype | str],
         shard_size: int,
         attrs: Mapping[str, Any],
+        dist: DistContext = SINGLE_PROCESS,
     ) -> None:
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -109,6 +116,7 @@ class ShardedRecordWriter:
         self.column_dtypes = {k: np.dtype(v) for k, v in column_dtypes.items()}
         self.shard_size = int(shard_size)
         self.attrs = dict(attrs)
+        self.dist = dist
         self._splits: dict[str, _SplitState] = {}
         self._stack: contextlib.ExitStack | None = None
         self._root: zarr.Group | None = None
@@ -118,9 +126,13 @@ class ShardedRecordWriter:
 
     def __enter__(self) -> ShardedRecordWriter:
         self._stack = contextlib.ExitStack()
-        self._tmp = self._stack.enter_context(atomic_dir(self.target))
-        root_attrs = {"kind": self.kind, "format_version": FORMAT_VERSION, "splits": [], **self.attrs}
-        self._root = zarr.open_group(self._tmp, mode="w", attributes=root_attrs)
+        if self.dist.is_main:
+            self._tmp = self._stack.enter_context(atomic_dir(self.target))
+            root_attrs = {"kind": self.kind, "format_version": FORMAT_VERSION, "splits": [], **self.attrs}
+            self._root = zarr.open_group(self._tmp, mode="w", attributes=root_attrs)
+        self._tmp = Path(self.dist.broadcast_object(str(self._tmp)))
+        if not self.dist.is_main:
+            self._root = zarr.open_group(self._tmp, mode="r+")
         return self
 
     def __exit__(
@@ -140,25 +152,36 @@ class ShardedRecordWriter:
     # -- building ----------------------------------------------------------------------------------
 
     def add_split(self, split: str, n: int) -> None:
-        """Preallocate ``n`` records for ``split`` (a Zarr group of that name)."""
+        """Preallocate ``n`` records for ``split`` (a Zarr group of that name). With several ranks every
+        rank calls this, in the same order."""
         root = self._require_open()
         if split in self._splits:
             raise ValueError(f"split {split!r} was already added to {self.target}")
         if n < 0:
             raise ValueError(f"split {split!r}: n must be >= 0, got {n}")
-        group = root.create_group(split, attributes=dict(self.attrs))
         shard_rows = max(1, min(self.shard_size, n))
-        data = group.create_array(
-            self.data_name,
-            shape=(n, *self.row_shape),
-            dtype=self.data_dtype,
-            chunks=(1, *self.row_shape),
-            shards=(shard_rows, *self.row_shape),
-            dimension_names=(self.record_dim, *self.row_dims),
-        )
+        if self.dist.is_main:
+            group = root.create_group(split, attributes=dict(self.attrs))
+            data = group.create_array(
+                self.data_name,
+                shape=(n, *self.row_shape),
+                dtype=self.data_dtype,
+                chunks=(1, *self.row_shape),
+                shards=(shard_rows, *self.row_shape),
+                dimension_names=(self.record_dim, *self.row_dims),
+            )
+            root.attrs["splits"] = [*root.attrs["splits"], split]
+        self.dist.barrier()
+        if not self.dist.is_main:
+            data = zarr.open_array(self._tmp / split / self.data_name, mode="r+")
         columns = {name: np.zeros(n, dtype=dt) for name, dt in self.column_dtypes.items()}
         self._splits[split] = _SplitState(n, data, shard_rows, columns, np.zeros(n, dtype=bool))
-        root.attrs["splits"] = [*root.attrs["splits"], split]
+
+    def owned_ranges(self, split: str) -> list[tuple[int, int]]:
+        """Row ranges ``[start, stop)`` this rank writes: whole shards, shard k to rank k mod world."""
+        state = self._splits[split]
+        shards = range(self.dist.rank, -(-state.n // state.shard_rows), self.dist.world_size)
+        return [(k * state.shard_rows, min((k + 1) * state.shard_rows, state.n)) for k in shards]
 
     def _write_rows(self, split: str, start: int, rows: np.ndarray, columns: Mapping[str, Any]) -> None:
         """Store ``rows`` (already cast to the data dtype) and their column values at ``start``."""
@@ -207,6 +230,21 @@ class ShardedRecordWriter:
 
     def _finalize(self) -> None:
         root = self._require_open()
+        for split, state in self._splits.items():
+            if state.pending:
+                raise ValueError(f"split {split!r}: shards {sorted(state.pending)} were only partly written")
+            if self.dist.enabled:  # gather what every rank wrote; rows are disjoint, so sums are copies
+                writes = self.dist.sum_array(state.written)
+                twice = np.flatnonzero(writes > 1)
+                if twice.size:
+                    raise ValueError(f"split {split!r}: row {int(twice[0])} written by two ranks")
+                state.written = writes > 0
+                for name, values in state.columns.items():
+                    state.columns[name] = self.dist.sum_array(values).astype(values.dtype)
+        self.dist.barrier()  # every shard is on disk before rank 0 finalises
+        if not self.dist.is_main:
+            self._root = None
+            return
         for split, state in self._splits.items():
             missing = np.flatnonzero(~state.written)
             if missing.size:
@@ -270,6 +308,7 @@ class ResponseWriter(ShardedRecordWriter):
         map_size: tuple[int, int],
         shard_size: int = 4096,
         attrs: Mapping[str, Any] | None = None,
+        dist: DistContext = SINGLE_PROCESS,
     ) -> None:
         attrs = dict(attrs or {})
         if "input_size" not in attrs:
@@ -299,6 +338,7 @@ class ResponseWriter(ShardedRecordWriter):
             },
             shard_size=shard_size,
             attrs=full,
+            dist=dist,
         )
 
     def __enter__(self) -> ResponseWriter:

@@ -1,6 +1,10 @@
 """Stage dump_responses: the raw Step-1 response map of every expression of the train split and of
 each evaluation split, into one sharded Zarr v3 store (``artifacts/responses.zarr``, a group per split),
-keyed by ``sent_id`` and carrying what maps a response back onto its image."""
+keyed by ``sent_id`` and carrying what maps a response back onto its image.
+
+With ``base.nproc > 1`` the stage runs under torchrun and each rank dumps whole shards of the store
+(see :mod:`pipeline.store`); the store is the same as a single-process dump's.
+"""
 
 import sys
 from pathlib import Path
@@ -12,31 +16,34 @@ from pipeline.data.index import load_index  # noqa: E402
 from pipeline.data.samples import ImageBank, split_sentences  # noqa: E402
 from pipeline.models.checkpoints import load_localiser  # noqa: E402
 from pipeline.responses import iter_responses  # noqa: E402
-from pipeline.stage import StageTimer, start_stage  # noqa: E402
+from pipeline.stage import StageTimer, start_distributed_stage  # noqa: E402
 from pipeline.store import ResponseWriter  # noqa: E402
 
 
 def main() -> None:
-    params, device = start_stage("dump_responses")
+    params, device, dist = start_distributed_stage("dump_responses")
     model, meta = load_localiser(paths.STEP1 / "model.pt")
     index = load_index(paths.INDEX)
     size = meta["input_size"]
     bank = ImageBank.from_index(index.images, size)
     splits = ["train", *[s for s in params.data.eval_splits if s != "train"]]
     first = split_sentences(index.images, index.sentences, splits[0]).iloc[:1]
-    _, probe = next(iter_responses(model, bank, first, 1, meta["max_tokens"], device))
+    _, probe = next(iter_responses(model, bank, first, 1, meta["max_tokens"], device, show_progress=False))
     attrs = {"input_size": [size, size], "model": "artifacts/step1/model.pt"}
-    with StageTimer("dump_responses"), ResponseWriter(paths.RESPONSES, probe.shape[1:],
-                                                      params.dump.shard_size, attrs) as writer:
+    writer = ResponseWriter(paths.RESPONSES, probe.shape[1:], params.dump.shard_size, attrs, dist=dist)
+    with StageTimer("dump_responses"), writer:
         for split in splits:
             rows = split_sentences(index.images, index.sentences, split)
             writer.add_split(split, len(rows))
-            for start, maps in iter_responses(model, bank, rows, params.dump.batch_size,
-                                              meta["max_tokens"], device, desc=f"dump {split}"):
+            for start, maps in iter_responses(model, bank, rows, params.dump.batch_size, meta["max_tokens"],
+                                              device, desc=f"dump {split}", ranges=writer.owned_ranges(split),
+                                              show_progress=dist.is_main):
                 part = rows.iloc[start:start + len(maps)]
                 writer.write(split, start, maps, part["sent_id"], part["ref_id"], part["image_id"],
                              part["height"], part["width"])
-            print(f"[dump_responses] {split}: {len(rows)} sentences")
+            if dist.is_main:
+                print(f"[dump_responses] {split}: {len(rows)} sentences")
+    dist.close()
 
 
 if __name__ == "__main__":

@@ -18,18 +18,19 @@ from pipeline.data.samples import ImageBank, split_sentences  # noqa: E402
 from pipeline.models.checkpoints import build_localiser, save_localiser  # noqa: E402
 from pipeline.models.clip_artifact import load_clip  # noqa: E402
 from pipeline.models.clip_backbone import FrozenClip  # noqa: E402
-from pipeline.stage import StageTimer, start_stage  # noqa: E402
+from pipeline.stage import StageTimer, start_distributed_stage  # noqa: E402
 from pipeline.train.common import fingerprint, load_resume_state  # noqa: E402
 from pipeline.train.live import open_live  # noqa: E402
 from pipeline.train.step1 import Step1TrainConfig, train_step1  # noqa: E402
 
 
 def main() -> None:
-    params, device = start_stage("train_step1")
+    params, device, dist = start_distributed_stage("train_step1")
     p = params.step1
     out = paths.STEP1
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "model.pt").unlink(missing_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.pt").unlink(missing_ok=True)
     meta = {"clip_dir": str(paths.CLIP), "hidden_dim": params.model.hidden_dim, "prompt": p.prompt,
             "alpha": p.alpha, "beta": p.beta, "input_size": p.input_size,
             "max_tokens": params.model.max_tokens}
@@ -40,14 +41,15 @@ def main() -> None:
         calibration_positive=p.calibration_positive, calibration_negative=p.calibration_negative,
         calibration_size=p.calibration_size, calibration_score=p.calibration_score,
         focal_power=p.focal_power, focal_eps=p.focal_eps, max_tokens=params.model.max_tokens,
-        amp=p.amp, seed=params.base.seed)
+        amp=p.amp, seed=params.base.seed, freeze_batchnorm=p.freeze_batchnorm, compile=p.compile)
     run_id = fingerprint({"step1": p.model_dump(), "meta": meta, "seed": params.base.seed},
                          [paths.INDEX, paths.CLIP])
     resume_path = out / "resume.pt"
-    if not p.resume:
+    if dist.is_main and not p.resume:
         resume_path.unlink(missing_ok=True)
+    dist.barrier()
     resuming = load_resume_state(resume_path, run_id) is not None
-    if not resuming:
+    if dist.is_main and not resuming:
         shutil.rmtree(out / "live", ignore_errors=True)
 
     index = load_index(paths.INDEX)
@@ -58,12 +60,15 @@ def main() -> None:
         sys.exit("train_step1: step1.init_projectors=clip needs a ResNet CLIP and model.hidden_dim equal to "
                  "its embedding width; set step1.init_projectors=random or fix model.hidden_dim")
     frozen = FrozenClip(load_clip(paths.CLIP))
-    live, log = open_live(out / "live", resume=resuming)
+    live, log = open_live(out / "live", resume=resuming) if dist.is_main else (None, None)
     with StageTimer("train_step1"):
         train_step1(model, frozen, bank, train, cfg, device, resume_path=resume_path,
-                    fingerprint=run_id, log=log)
-    live.end()
-    save_localiser(out / "model.pt", model.cpu(), meta)
+                    fingerprint=run_id, log=log, dist=dist)
+    if dist.is_main:
+        live.end()
+        save_localiser(out / "model.pt", model.cpu(), meta)
+    dist.barrier()
+    dist.close()
 
 
 if __name__ == "__main__":

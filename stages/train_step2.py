@@ -17,7 +17,7 @@ from pipeline.models.clip_artifact import load_clip, read_clip_spec  # noqa: E40
 from pipeline.models.clip_backbone import ClipBackbone  # noqa: E402
 from pipeline.models.segmenter import ReferringSegmenter  # noqa: E402
 from pipeline.predict import save_segmenter  # noqa: E402
-from pipeline.stage import StageTimer, start_stage  # noqa: E402
+from pipeline.stage import StageTimer, start_distributed_stage  # noqa: E402
 from pipeline.store import open_pseudo_masks  # noqa: E402
 from pipeline.train.common import fingerprint, load_resume_state  # noqa: E402
 from pipeline.train.live import open_live  # noqa: E402
@@ -25,11 +25,12 @@ from pipeline.train.step2 import Step2TrainConfig, train_step2  # noqa: E402
 
 
 def main() -> None:
-    params, device = start_stage("train_step2")
+    params, device, dist = start_distributed_stage("train_step2")
     p = params.step2
     out = paths.STEP2
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "model.pt").unlink(missing_ok=True)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.pt").unlink(missing_ok=True)
     spec = read_clip_spec(paths.CLIP)
     meta = {"clip_name": spec["name"], "clip_tiny": spec["tiny"], "context_length": spec["context_length"],
             "max_tokens": params.model.max_tokens, "input_size": p.input_size,
@@ -37,10 +38,11 @@ def main() -> None:
     run_id = fingerprint({"step2": p.model_dump(), "meta": meta, "seed": params.base.seed},
                          [paths.INDEX, paths.CLIP, paths.PSEUDO_MASKS])
     resume_path = out / "resume.pt"
-    if not p.resume:
+    if dist.is_main and not p.resume:
         resume_path.unlink(missing_ok=True)
+    dist.barrier()
     resuming = load_resume_state(resume_path, run_id) is not None
-    if not resuming:
+    if dist.is_main and not resuming:
         shutil.rmtree(out / "live", ignore_errors=True)
 
     index = load_index(paths.INDEX)
@@ -52,13 +54,17 @@ def main() -> None:
     cfg = Step2TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
                            backbone_lr_mult=p.backbone_lr_mult, weight_decay=p.weight_decay,
                            poly_power=p.poly_power, max_tokens=params.model.max_tokens, amp=p.amp,
-                           seed=params.base.seed)
-    live, log = open_live(out / "live", resume=resuming)
+                           seed=params.base.seed, freeze_batchnorm=p.freeze_batchnorm,
+                           compile=p.compile)
+    live, log = open_live(out / "live", resume=resuming) if dist.is_main else (None, None)
     with StageTimer("train_step2"):
         train_step2(model, bank, train, masks_by_ref, cfg, device, resume_path=resume_path,
-                    fingerprint=run_id, log=log)
-    live.end()
-    save_segmenter(out / "model.pt", model.cpu(), meta)
+                    fingerprint=run_id, log=log, dist=dist)
+    if dist.is_main:
+        live.end()
+        save_segmenter(out / "model.pt", model.cpu(), meta)
+    dist.barrier()
+    dist.close()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.atomic import save_torch
+from pipeline.distributed import DistContext
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,6 +29,27 @@ def check_finite(stage: str, epoch: int, step: int, terms: dict[str, torch.Tenso
                 f"{stage}: loss term {name!r} became {value.item()} at epoch {epoch}, step {step}; "
                 "stopping before a checkpoint is written (try a lower lr or disable amp)"
             )
+
+
+def set_train_mode(module: nn.Module, freeze_batchnorm: bool = False) -> nn.Module:
+    """``module.train()``, with BatchNorm layers left in eval mode when ``freeze_batchnorm`` (their running
+    statistics are used and not updated, as detectron2's FrozenBatchNorm does for pretrained backbones)."""
+    module.train()
+    if freeze_batchnorm:
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return module
+
+
+def reduce_terms(terms: dict[str, torch.Tensor], dist: DistContext, share: float) -> dict[str, float]:
+    """Loss terms as floats for logging: under DDP the mean over the global batch, each rank's value
+    weighted by its ``share`` of the batch; the values themselves when not distributed."""
+    if not dist.enabled:
+        return {k: float(v.detach()) for k, v in terms.items()}
+    values = torch.stack([v.detach().float() for v in terms.values()]) * share
+    dist.sum_(values)
+    return dict(zip(terms, values.tolist(), strict=True))
 
 
 def build_optimizer(backbone: Iterable[nn.Parameter], head: Iterable[nn.Parameter], lr: float,

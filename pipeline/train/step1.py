@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from pipeline.data.samples import ImageBank, distinct_image_batches, one_sentence_per_ref
+from pipeline.distributed import SINGLE_PROCESS, DistContext
 from pipeline.losses import calibration_loss, classification_loss, image_level_scores
 from pipeline.maps import clip_normalize, mask_images
 from pipeline.models.clip_backbone import FrozenClip, tokenize
@@ -30,7 +31,9 @@ from pipeline.train.common import (
     check_finite,
     load_resume_state,
     poly_scheduler,
+    reduce_terms,
     save_resume_state,
+    set_train_mode,
 )
 
 
@@ -54,6 +57,8 @@ class Step1TrainConfig:
     max_tokens: int
     amp: bool
     seed: int
+    freeze_batchnorm: bool = False
+    compile: bool = False
 
 
 @torch.no_grad()
@@ -129,8 +134,15 @@ def extra_negative_rows(batch_rows: np.ndarray, image_ids: np.ndarray, count: in
 
 def train_step1(model: TRISLocaliser, frozen: FrozenClip, bank: ImageBank, sentences: pd.DataFrame,
                 cfg: Step1TrainConfig, device: torch.device, *, resume_path: Path | None = None,
-                fingerprint: str = "", log: Callable[..., None] | None = None) -> TRISLocaliser:
-    """Train ``model`` in place; resumes from ``resume_path`` when it holds this fingerprint's state."""
+                fingerprint: str = "", log: Callable[..., None] | None = None,
+                dist: DistContext = SINGLE_PROCESS) -> TRISLocaliser:
+    """Train ``model`` in place; resumes from ``resume_path`` when it holds this fingerprint's state.
+
+    Under torchrun (``dist.enabled``) every rank draws the same global batch and encodes the images of
+    its own slice against ALL queries of the batch, so each image still sees its N negatives (Eq. 7);
+    each rank's loss is weighted by its share of the batch, so DDP's gradient average equals the
+    gradient of the single-process loss. Rank 0 alone logs and writes ``resume_path``.
+    """
     to_channels_last(model.to(device))
     to_channels_last(frozen.to(device))
     image_ids = sentences["image_id"].to_numpy()
@@ -144,6 +156,9 @@ def train_step1(model: TRISLocaliser, frozen: FrozenClip, bank: ImageBank, sente
     ref_ids = sentences["ref_id"].to_numpy()
     probe = one_sentence_per_ref(ref_ids, np.random.default_rng(0))
     steps_per_epoch = len(distinct_image_batches(image_ids[probe], cfg.batch_size, np.random.default_rng(0)))
+    net = dist.wrap(model, device)
+    if cfg.compile:
+        net = torch.compile(net)
     backbone, head = model.param_groups()
     optimizer = build_optimizer(backbone, head, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay)
     scheduler = poly_scheduler(optimizer, cfg.epochs * steps_per_epoch, cfg.poly_power)
@@ -158,34 +173,37 @@ def train_step1(model: TRISLocaliser, frozen: FrozenClip, bank: ImageBank, sente
         print(f"train_step1: resuming after epoch {start_epoch} (step {step}) from {resume_path}")
 
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+        set_train_mode(net, cfg.freeze_batchnorm)
         rng = np.random.default_rng([cfg.seed, epoch])
         subset = one_sentence_per_ref(ref_ids, rng)
         batches = [subset[b] for b in distinct_image_batches(image_ids[subset], cfg.batch_size, rng)]
         sums: dict[str, float] = {}
-        bar = progress(batches, desc=f"train_step1 {epoch + 1}/{cfg.epochs}")
+        bar = progress(batches, desc=f"train_step1 {epoch + 1}/{cfg.epochs}",
+                       disable=not dist.is_main or None)
         for rows in bar:
             extra = extra_negative_rows(rows, image_ids, cfg.num_negatives - (len(rows) - 1), rng)
             query_rows = np.concatenate([rows, extra])
             targets, valid = classification_targets(image_ids[rows], image_ids[query_rows],
                                                      cfg.num_negatives, rng)
-            images01 = bank.batch(image_ids[rows]).to(device)
+            local = dist.local_slice(len(rows))  # this rank's images; every rank scores all queries
+            images01 = bank.batch(image_ids[rows[local]]).to(device)
             tokens = tokens_all[query_rows].to(device)
             with autocast(device, cfg.amp):
-                responses = model(channels_last(clip_normalize(images01)), tokens)  # (B, Q, h, w), Eq. 2
+                responses = net(channels_last(clip_normalize(images01)), tokens)  # (b, Q, h, w), Eq. 2
                 scores = image_level_scores(responses.float(), cfg.focal_power, cfg.focal_eps)  # Eq. 6
-            l_cls = classification_loss(scores, targets.to(device), valid.to(device))  # Eq. 7
+            l_cls = classification_loss(scores, targets[local].to(device), valid[local].to(device))  # Eq. 7
             terms = {"cls": l_cls}
             loss = cfg.cls_weight * l_cls
             if use_cal:
-                idx = torch.arange(len(rows), device=device)
-                positive = responses[idx, idx].float()  # R^p of each image
+                own = torch.as_tensor(local, device=device)  # query index of each image's own sentence
+                positive = responses[torch.arange(len(local), device=device), own].float()  # R^p
                 with autocast(device, cfg.amp):
                     masked_emb = frozen.encode_image(
                         channels_last(mask_images(images01, positive, cfg.calibration_size)))
-                neg_rows = negatives.sample(rows, cfg.calibration_negatives, rng)
+                # sampled for the whole batch so every rank's RNG stays in step
+                neg_rows = negatives.sample(rows, cfg.calibration_negatives, rng)[local]
                 l_cal, cal_terms = calibration_loss(  # Eq. 8-9
-                    masked_emb.float(), text_emb[rows], text_emb[neg_rows],
+                    masked_emb.float(), text_emb[rows[local]], text_emb[neg_rows],
                     torch.ones(neg_rows.shape, dtype=torch.bool, device=device),
                     use_positive=cfg.calibration_positive, use_negative=cfg.calibration_negative,
                     mode=cfg.calibration_score,
@@ -194,22 +212,25 @@ def train_step1(model: TRISLocaliser, frozen: FrozenClip, bank: ImageBank, sente
                 terms.update(cal=l_cal, **cal_terms)
             terms["loss"] = loss
             check_finite("train_step1", epoch, step, terms)
+            weight = dist.loss_weight(len(local), len(rows))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if weight == 1.0 else loss * weight).backward()
             optimizer.step()
             scheduler.step()
             step += 1
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            for k, v in reduce_terms(terms, dist, len(local) / len(rows)).items():
+                sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{loss.item():.3f}", cls=f"{l_cls.item():.3f}")
         means = {k: v / max(1, len(batches)) for k, v in sums.items()}
-        print(f"train_step1 epoch {epoch + 1}/{cfg.epochs}: "
-              + ", ".join(f"{k}={v:.4f}" for k, v in means.items()))
-        if log is not None:
-            log(epoch=epoch + 1, step=step, lr=scheduler.get_last_lr()[-1],
-                temperature=float(model.temperature), **means)
-        if resume_path is not None:
-            save_resume_state(resume_path, fingerprint=fingerprint, epoch=epoch + 1, step=step,
-                              model=model, optimizer=optimizer, scheduler=scheduler,
-                              extra={"config": asdict(cfg)})
+        if dist.is_main:
+            print(f"train_step1 epoch {epoch + 1}/{cfg.epochs}: "
+                  + ", ".join(f"{k}={v:.4f}" for k, v in means.items()))
+            if log is not None:
+                log(epoch=epoch + 1, step=step, lr=scheduler.get_last_lr()[-1],
+                    temperature=float(model.temperature.detach()), **means)
+            if resume_path is not None:
+                save_resume_state(resume_path, fingerprint=fingerprint, epoch=epoch + 1, step=step,
+                                  model=model, optimizer=optimizer, scheduler=scheduler,
+                                  extra={"config": asdict(cfg)})
+        dist.barrier()
     return model.eval()

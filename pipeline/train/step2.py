@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.samples import ImageBank, distinct_image_batches, one_sentence_per_ref
+from pipeline.distributed import SINGLE_PROCESS, DistContext
 from pipeline.maps import clip_normalize
 from pipeline.models.clip_backbone import tokenize
-from pipeline.models.segmenter import ReferringSegmenter, segmentation_loss
+from pipeline.models.segmenter import IGNORE_INDEX, ReferringSegmenter, segmentation_loss
 from pipeline.progress import progress
 from pipeline.runtime import autocast, channels_last, to_channels_last
 from pipeline.train.common import (
@@ -24,7 +25,9 @@ from pipeline.train.common import (
     check_finite,
     load_resume_state,
     poly_scheduler,
+    reduce_terms,
     save_resume_state,
+    set_train_mode,
 )
 
 
@@ -39,6 +42,8 @@ class Step2TrainConfig:
     max_tokens: int
     amp: bool
     seed: int
+    freeze_batchnorm: bool = False
+    compile: bool = False
 
 
 def masks_to_input_size(masks: np.ndarray, size: int) -> torch.Tensor:
@@ -52,8 +57,13 @@ def masks_to_input_size(masks: np.ndarray, size: int) -> torch.Tensor:
 def train_step2(model: ReferringSegmenter, bank: ImageBank, sentences: pd.DataFrame,
                 masks_by_ref: dict[int, np.ndarray], cfg: Step2TrainConfig, device: torch.device, *,
                 resume_path: Path | None = None, fingerprint: str = "",
-                log: Callable[..., None] | None = None) -> ReferringSegmenter:
-    """Train on ``sentences`` whose ``ref_id`` has a pseudo-mask in ``masks_by_ref``."""
+                log: Callable[..., None] | None = None,
+                dist: DistContext = SINGLE_PROCESS) -> ReferringSegmenter:
+    """Train on ``sentences`` whose ``ref_id`` has a pseudo-mask in ``masks_by_ref``.
+
+    Under torchrun each rank trains on its slice of every global batch, its loss weighted by its share,
+    so DDP's averaged gradient is the single-process one; rank 0 alone logs and checkpoints.
+    """
     sentences = sentences[sentences["ref_id"].isin(masks_by_ref.keys())].reset_index(drop=True)
     if sentences.empty:
         raise ValueError("train_step2: no train sentence has a pseudo-mask")
@@ -64,6 +74,9 @@ def train_step2(model: ReferringSegmenter, bank: ImageBank, sentences: pd.DataFr
     ref_ids = sentences["ref_id"].to_numpy()
     probe = one_sentence_per_ref(ref_ids, np.random.default_rng(0))
     steps_per_epoch = len(distinct_image_batches(image_ids[probe], cfg.batch_size, np.random.default_rng(0)))
+    net = dist.wrap(model, device)
+    if cfg.compile:
+        net = torch.compile(net)
     backbone, head = model.param_groups()
     optimizer = build_optimizer(backbone, head, cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay)
     scheduler = poly_scheduler(optimizer, cfg.epochs * steps_per_epoch, cfg.poly_power)
@@ -78,35 +91,45 @@ def train_step2(model: ReferringSegmenter, bank: ImageBank, sentences: pd.DataFr
         print(f"train_step2: resuming after epoch {start_epoch} (step {step}) from {resume_path}")
 
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+        set_train_mode(net, cfg.freeze_batchnorm)
         rng = np.random.default_rng([cfg.seed, 2, epoch])
         # distinct images per batch is not needed by the loss, but it is the same sampler as Step-1
         subset = one_sentence_per_ref(ref_ids, rng)
         batches = [subset[b] for b in distinct_image_batches(image_ids[subset], cfg.batch_size, rng)]
         total = 0.0
-        bar = progress(batches, desc=f"train_step2 {epoch + 1}/{cfg.epochs}")
-        for rows in bar:
+        bar = progress(batches, desc=f"train_step2 {epoch + 1}/{cfg.epochs}",
+                       disable=not dist.is_main or None)
+        for batch_rows in bar:
+            local = dist.local_slice(len(batch_rows))
+            rows = batch_rows[local]
             images = channels_last(clip_normalize(bank.batch(image_ids[rows]).to(device)))
             tokens = tokens_all[rows].to(device)
             target = masks_to_input_size(np.stack([masks_by_ref[int(r)] for r in ref_ids[rows]]),
                                          bank.size).to(device)
             with autocast(device, cfg.amp):
-                logits = model(images, tokens)
+                logits = net(images, tokens)
             loss = segmentation_loss(logits.float(), target)
             check_finite("train_step2", epoch, step, {"ce": loss})
+            # the loss is a mean over valid pixels, so a rank's share is its share of the valid pixels
+            weight = 1.0
+            if dist.enabled:
+                valid = (target != IGNORE_INDEX).sum().double()
+                weight = dist.loss_weight(int(valid), int(dist.sum_(valid.clone())))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if weight == 1.0 else loss * weight).backward()
             optimizer.step()
             scheduler.step()
             step += 1
-            total += float(loss.detach())
+            total += reduce_terms({"ce": loss}, dist, weight / dist.world_size)["ce"]
             bar.set_postfix(loss=f"{loss.item():.3f}")
         mean = total / max(1, len(batches))
-        print(f"train_step2 epoch {epoch + 1}/{cfg.epochs}: ce={mean:.4f}")
-        if log is not None:
-            log(epoch=epoch + 1, step=step, ce=mean, lr=scheduler.get_last_lr()[-1])
-        if resume_path is not None:
-            save_resume_state(resume_path, fingerprint=fingerprint, epoch=epoch + 1, step=step,
-                              model=model, optimizer=optimizer, scheduler=scheduler,
-                              extra={"config": asdict(cfg)})
+        if dist.is_main:
+            print(f"train_step2 epoch {epoch + 1}/{cfg.epochs}: ce={mean:.4f}")
+            if log is not None:
+                log(epoch=epoch + 1, step=step, ce=mean, lr=scheduler.get_last_lr()[-1])
+            if resume_path is not None:
+                save_resume_state(resume_path, fingerprint=fingerprint, epoch=epoch + 1, step=step,
+                                  model=model, optimizer=optimizer, scheduler=scheduler,
+                                  extra={"config": asdict(cfg)})
+        dist.barrier()
     return model.eval()
