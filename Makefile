@@ -16,4 +16,4 @@ test: install
 	$(PYTHON) -m pytest -q
 
 bench: install
-	$(PYTHON) -m bench.random_walk_memory
+	$(PYTHON) -m bench

@@ -93,6 +93,18 @@ def _run(kind: str, args: argparse.Namespace) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def run(device: str | None = None, height: int = 120, width: int = 160, radius: int = 5, beta: float = 10.0,
+        exp_times: int = 8, threads: int = 1) -> dict:
+    """Sparse and dense measurements, each in its own subprocess, and their ratios."""
+    args = argparse.Namespace(device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                              height=height, width=width, radius=radius, beta=beta, exp_times=exp_times,
+                              threads=threads)
+    sparse, dense = _run("sparse", args), _run("dense", args)
+    return {"sparse": sparse, "dense": dense,
+            "memory_ratio": dense["peak_bytes"] / max(sparse["peak_bytes"], 1),
+            "time_ratio": dense["time_s"] / sparse["time_s"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

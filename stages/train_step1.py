@@ -21,7 +21,7 @@ from pipeline.models.clip_backbone import FrozenClip  # noqa: E402
 from pipeline.stage import StageTimer, start_distributed_stage  # noqa: E402
 from pipeline.train.common import fingerprint, load_resume_state  # noqa: E402
 from pipeline.train.live import open_live  # noqa: E402
-from pipeline.train.step1 import Step1TrainConfig, train_step1  # noqa: E402
+from pipeline.train.step1 import Step1TrainConfig, localiser_meta, train_step1  # noqa: E402
 
 
 def main() -> None:
@@ -31,17 +31,8 @@ def main() -> None:
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "model.pt").unlink(missing_ok=True)
-    meta = {"clip_dir": str(paths.CLIP), "hidden_dim": params.model.hidden_dim, "prompt": p.prompt,
-            "alpha": p.alpha, "beta": p.beta, "input_size": p.input_size,
-            "max_tokens": params.model.max_tokens}
-    cfg = Step1TrainConfig(
-        epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, backbone_lr_mult=p.backbone_lr_mult,
-        weight_decay=p.weight_decay, poly_power=p.poly_power, num_negatives=p.num_negatives,
-        calibration_negatives=p.calibration_negatives, cls_weight=p.cls_weight,
-        calibration_positive=p.calibration_positive, calibration_negative=p.calibration_negative,
-        calibration_size=p.calibration_size, calibration_score=p.calibration_score,
-        focal_power=p.focal_power, focal_eps=p.focal_eps, max_tokens=params.model.max_tokens,
-        amp=p.amp, seed=params.base.seed, freeze_batchnorm=p.freeze_batchnorm, compile=p.compile)
+    meta = localiser_meta(params, str(paths.CLIP))
+    cfg = Step1TrainConfig.from_params(params)
     run_id = fingerprint({"step1": p.model_dump(), "meta": meta, "seed": params.base.seed},
                          [paths.INDEX, paths.CLIP])
     resume_path = out / "resume.pt"

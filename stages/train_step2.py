@@ -51,11 +51,7 @@ def main() -> None:
     masks_by_ref = {int(r): store.get("train", int(r)) for r in store.ref_ids("train")}
     bank = ImageBank.from_index(index.images, p.input_size)
     model = ReferringSegmenter(ClipBackbone(load_clip(paths.CLIP)), p.fusion_dim, p.decoder_dim)
-    cfg = Step2TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
-                           backbone_lr_mult=p.backbone_lr_mult, weight_decay=p.weight_decay,
-                           poly_power=p.poly_power, max_tokens=params.model.max_tokens, amp=p.amp,
-                           seed=params.base.seed, freeze_batchnorm=p.freeze_batchnorm,
-                           compile=p.compile)
+    cfg = Step2TrainConfig.from_params(params)
     live, log = open_live(out / "live", resume=resuming) if dist.is_main else (None, None)
     with StageTimer("train_step2"):
         train_step2(model, bank, train, masks_by_ref, cfg, device, resume_path=resume_path,

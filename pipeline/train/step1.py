@@ -10,6 +10,7 @@ other objects of the same image.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from pipeline.losses import calibration_loss, classification_loss, image_level_s
 from pipeline.maps import clip_normalize, mask_images
 from pipeline.models.clip_backbone import FrozenClip, tokenize
 from pipeline.models.step1 import TRISLocaliser
+from pipeline.params import Params
 from pipeline.progress import progress
 from pipeline.runtime import autocast, channels_last, to_channels_last
 from pipeline.train.common import (
@@ -59,6 +61,21 @@ class Step1TrainConfig:
     seed: int
     freeze_batchnorm: bool = False
     compile: bool = False
+
+    @classmethod
+    def from_params(cls, params: Params) -> Step1TrainConfig:
+        """The training settings of ``params.step1`` (plus the shared token limit and seed)."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"max_tokens", "seed"}
+        return cls(**{k: getattr(params.step1, k) for k in fields}, max_tokens=params.model.max_tokens,
+                   seed=params.base.seed)
+
+
+def localiser_meta(params: Params, clip_dir: str) -> dict:
+    """What rebuilds the Step-1 model from its checkpoint (saved beside the weights in model.pt)."""
+    p = params.step1
+    return {"clip_dir": clip_dir, "hidden_dim": params.model.hidden_dim, "prompt": p.prompt,
+            "alpha": p.alpha, "beta": p.beta, "input_size": p.input_size,
+            "max_tokens": params.model.max_tokens}
 
 
 @torch.no_grad()

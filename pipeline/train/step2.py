@@ -4,6 +4,7 @@ pseudo-mask, so the network sees all the ways an object is described."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from pipeline.distributed import SINGLE_PROCESS, DistContext
 from pipeline.maps import clip_normalize
 from pipeline.models.clip_backbone import tokenize
 from pipeline.models.segmenter import IGNORE_INDEX, ReferringSegmenter, segmentation_loss
+from pipeline.params import Params
 from pipeline.progress import progress
 from pipeline.runtime import autocast, channels_last, to_channels_last
 from pipeline.train.common import (
@@ -44,6 +46,13 @@ class Step2TrainConfig:
     seed: int
     freeze_batchnorm: bool = False
     compile: bool = False
+
+    @classmethod
+    def from_params(cls, params: Params) -> Step2TrainConfig:
+        """The training settings of ``params.step2`` (plus the shared token limit and seed)."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"max_tokens", "seed"}
+        return cls(**{k: getattr(params.step2, k) for k in fields}, max_tokens=params.model.max_tokens,
+                   seed=params.base.seed)
 
 
 def masks_to_input_size(masks: np.ndarray, size: int) -> torch.Tensor:

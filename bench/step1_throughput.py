@@ -1,0 +1,77 @@
+"""Step-1 training throughput (images/s) on the embedded default's model and data, and on CUDA the
+speed-up of bf16 autocast (``step1.amp``) over fp32.
+
+Times ``--steps`` optimisation steps of the real training loop (:func:`pipeline.train.step1.train_step1`,
+classification + calibration, batch ``step1.batch_size``) after one warm-up step; images are decoded
+before timing (the stage preloads them too).
+
+    python -m bench.step1_throughput [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+
+from bench.common import require
+from pipeline import paths
+from pipeline.data.index import load_index
+from pipeline.data.samples import ImageBank, split_sentences
+from pipeline.models.checkpoints import build_localiser
+from pipeline.models.clip_artifact import load_clip
+from pipeline.models.clip_backbone import FrozenClip
+from pipeline.params import load_params
+from pipeline.runtime import select_device
+from pipeline.train.step1 import Step1TrainConfig, localiser_meta, train_step1
+
+
+def images_per_second(steps: int, amp: bool) -> tuple[float, str]:
+    params = load_params()
+    device = select_device(params.base.device)
+    index = load_index(paths.INDEX)
+    train = split_sentences(index.images, index.sentences, "train")
+    cfg = dataclasses.replace(Step1TrainConfig.from_params(params), epochs=1, amp=amp)
+    # one sentence per image and exactly `steps` full batches (+ 1 warm-up) of distinct images
+    images = train["image_id"].drop_duplicates().to_numpy()[: (steps + 1) * cfg.batch_size]
+    subset = train[train["image_id"].isin(images)].drop_duplicates("image_id").reset_index(drop=True)
+    bank = ImageBank.from_index(index.images, params.step1.input_size)
+    bank.preload(subset["image_id"])
+    frozen = FrozenClip(load_clip(paths.CLIP))
+    warm = subset.iloc[: cfg.batch_size]
+    train_step1(build_localiser(paths.CLIP, localiser_meta(params, str(paths.CLIP))), frozen, bank, warm,
+                cfg, device)
+    model = build_localiser(paths.CLIP, localiser_meta(params, str(paths.CLIP)))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    train_step1(model, frozen, bank, subset.iloc[cfg.batch_size:], cfg, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (len(subset) - cfg.batch_size) / (time.perf_counter() - t0), str(device)
+
+
+def run(steps: int = 8) -> dict:
+    require(paths.CLIP, paths.INDEX)
+    fp32, device = images_per_second(steps, amp=False)
+    out = {"device": device, "fp32_images_per_s": fp32}
+    if device.startswith("cuda"):
+        amp, _ = images_per_second(steps, amp=True)
+        out.update(amp_images_per_s=amp, amp_speedup=amp / fp32)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    r = run(parser.parse_args().steps)
+    line = f"Step-1 training on {r['device']}: {r['fp32_images_per_s']:.1f} images/s fp32"
+    if "amp_images_per_s" in r:
+        line += f", {r['amp_images_per_s']:.1f} images/s bf16 autocast (x{r['amp_speedup']:.2f})"
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
