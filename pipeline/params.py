@@ -187,6 +187,7 @@ class PseudoMaskParams(_Strict):
     affinity: AffinityParams = AffinityParams()
     random_walk: RandomWalkParams = RandomWalkParams()
     workers: int = Field(2, ge=1, description="CPU processes for the CRF")
+    shard_size: int = Field(256, ge=1, description="objects per pseudo_masks.zarr shard (and per rank task)")
     size: int = Field(128, ge=32, description="working (and stored) resolution of the pseudo-masks")
 
     @model_validator(mode="after")

@@ -7,6 +7,11 @@
 
 Everything runs at the working resolution ``S x S`` (the image stretched like the model input, which is
 also Step-2's input), so the cost per object does not depend on the original image size.
+
+Under torchrun each rank handles the objects of its own store shards (PRMS, CRF seeds, random walk);
+the affinity network is trained once, by rank 0, on the globally sampled objects' confident labels
+gathered from every rank, and broadcast. Every random draw is made over the global object list, so the
+result does not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import pandas as pd
 import torch
 
 from pipeline.data.samples import ImageBank
+from pipeline.distributed import SINGLE_PROCESS, DistContext
 from pipeline.maps import minmax_normalize, upsample
 from pipeline.models.clip_backbone import FrozenClip
 from pipeline.prms import PrmsItem, choose_without_prms, select_batch
@@ -59,7 +65,6 @@ def select_responses(sentences: pd.DataFrame, responses: dict[int, np.ndarray], 
                      batch_size: int = 128) -> Selection:
     """Eq. 10 for every object of ``sentences`` (or the PRMS-off choice when ``use_prms`` is false)."""
     groups = [(int(ref), g.sort_values("sent_id")) for ref, g in sentences.groupby("ref_id", sort=True)]
-    rng = np.random.default_rng(seed)
     if use_prms:
         text_emb = encode_texts(frozen, sentences["text"].tolist(), max_tokens, device).cpu()
         row_of = {int(s): i for i, s in enumerate(sentences["sent_id"])}
@@ -69,7 +74,9 @@ def select_responses(sentences: pd.DataFrame, responses: dict[int, np.ndarray], 
         encode = lambda x: frozen.encode_image(x.to(device)).cpu()  # noqa: E731
         picks = [i for i, _ in select_batch(items, encode, calibration_size, batch_size)]
     else:
-        picks = [choose_without_prms(len(g), off_choice, rng) for _, g in groups]
+        # one generator per object: the choice does not depend on which objects a rank holds
+        picks = [choose_without_prms(len(g), off_choice, np.random.default_rng([seed, ref]))
+                 for ref, g in groups]
     records, fg_maps, first_maps = [], {}, {}
     for (ref, g), pick in zip(groups, picks, strict=True):
         sids = g["sent_id"].to_numpy()
@@ -79,7 +86,8 @@ def select_responses(sentences: pd.DataFrame, responses: dict[int, np.ndarray], 
         records.append({"ref_id": ref, "image_id": int(row["image_id"]), "height": int(row["height"]),
                         "width": int(row["width"]), "sent_id_selected": int(sids[pick]),
                         "num_expressions": len(sids), "changed": bool(pick != 0)})
-    return Selection(pd.DataFrame.from_records(records), fg_maps, first_maps)
+    columns = ["ref_id", "image_id", "height", "width", "sent_id_selected", "num_expressions", "changed"]
+    return Selection(pd.DataFrame.from_records(records, columns=columns), fg_maps, first_maps)
 
 
 def _confident_task(args: tuple) -> np.ndarray:
@@ -99,8 +107,9 @@ def confident_seed_labels(images: Iterable[np.ndarray], fg_maps: Iterable[np.nda
 
 def make_pseudo_masks(selection: Selection, bank: ImageBank, *, method: str, conf_fg: float, conf_bg: float,
                       crf_kwargs: dict, affinity: dict, random_walk: dict, threshold: float, keep: str,
-                      workers: int, seed: int, device: torch.device, walk_seed: str = "confident"
-                      ) -> tuple[dict[int, np.ndarray], AffinityNet | None]:
+                      workers: int, seed: int, device: torch.device, walk_seed: str = "confident",
+                      global_rows: np.ndarray | None = None, total_objects: int | None = None,
+                      dist: DistContext = SINGLE_PROCESS) -> tuple[dict[int, np.ndarray], AffinityNet | None]:
     """ref_id -> bool pseudo-mask at S x S, and the trained affinity net (``irn`` only).
 
     The affinity net learns from the confident labels of at most ``affinity["max_samples"]`` objects
@@ -109,22 +118,30 @@ def make_pseudo_masks(selection: Selection, bank: ImageBank, *, method: str, con
     ``walk_seed="confident"`` starts the random walk from the map restricted to its CRF-confident
     foreground instead of the whole map (IRN walks from CAMs, which are peaky; Step-1's stride-32 maps are
     spread out, and walking them keeps their spill into the background); ``"map"`` is IRN's choice.
+
+    ``selection`` may hold a rank's share of the objects: ``global_rows`` are their positions in the
+    full object list of ``total_objects`` (default: all of them, in order).
     """
     objects = selection.objects
+    total = len(objects) if total_objects is None else total_objects
+    rows_here = np.arange(len(objects)) if global_rows is None else np.asarray(global_rows)
     net = None
     seeds = {int(r): selection.fg_maps[int(r)] for r in objects["ref_id"]}
     if method == "irn":
         rng = np.random.default_rng(seed)
-        rows = objects if walk_seed == "confident" else objects.iloc[
-            np.sort(rng.permutation(len(objects))[: affinity["max_samples"]])]
+        if walk_seed == "confident":  # CRF labels for every object; the net learns from a sample
+            labelled = np.arange(total)
+            sample = np.sort(rng.permutation(total)[: affinity["max_samples"]])
+        else:  # IRN: CRF labels only for the sampled objects
+            labelled = np.sort(rng.permutation(total)[: affinity["max_samples"]])
+            sample = labelled[np.sort(rng.permutation(len(labelled))[: affinity["max_samples"]])]
+        mine = np.flatnonzero(np.isin(rows_here, labelled))  # local positions this rank labels
+        rows = objects.iloc[mine]
         images = [bank.get(int(i)).permute(1, 2, 0).numpy() for i in rows["image_id"]]
-        fg_maps = [seeds[int(r)] for r in rows["ref_id"]]
-        labels = confident_seed_labels(images, fg_maps, conf_fg, conf_bg, crf_kwargs, workers)
-        take = np.sort(rng.permutation(len(rows))[: affinity["max_samples"]])
-        net = train_affinity([images[i] for i in take], [labels[i] for i in take],
-                             input_size=affinity["input_size"], radius=affinity["radius"],
-                             epochs=affinity["epochs"], lr=affinity["lr"], batch_size=affinity["batch_size"],
-                             seed=seed, device=device)
+        labels = confident_seed_labels(images, [seeds[int(r)] for r in rows["ref_id"]], conf_fg, conf_bg,
+                                       crf_kwargs, workers)
+        net = _train_shared_affinity(rows, labels, rows_here[mine], sample, bank, affinity, seed, device,
+                                     dist)
         if walk_seed == "confident":  # walk from the CRF-confident foreground, not the whole coarse map
             for ref, lab in zip(rows["ref_id"], labels, strict=True):
                 seeds[int(ref)] = seeds[int(ref)] * (lab == 1)
@@ -139,3 +156,31 @@ def make_pseudo_masks(selection: Selection, bank: ImageBank, *, method: str, con
         for ref, soft in zip(refs, refined, strict=True):
             masks[ref] = to_pseudo_mask(soft, threshold, keep)
     return masks, net
+
+
+def _train_shared_affinity(rows: pd.DataFrame, labels: list[np.ndarray], global_rows: np.ndarray,
+                           sample: np.ndarray, bank: ImageBank, affinity: dict, seed: int,
+                           device: torch.device, dist: DistContext) -> AffinityNet:
+    """Train the affinity net on the confident labels of the globally ``sample``-d objects, in global
+    order: rank 0 gathers them from every rank, trains, and broadcasts the weights."""
+    wanted = set(sample.tolist())
+    picked = {int(g): (int(i), lab) for g, i, lab in zip(global_rows, rows["image_id"], labels, strict=True)
+              if int(g) in wanted}
+    if dist.enabled:
+        gathered: list[dict] = [{} for _ in range(dist.world_size)]
+        torch.distributed.all_gather_object(gathered, picked)
+        picked = {k: v for part in gathered for k, v in part.items()}
+    state = None
+    if dist.is_main:
+        ordered = [picked[int(g)] for g in sample]
+        net = train_affinity([bank.get(i).permute(1, 2, 0).numpy() for i, _ in ordered],
+                             [lab for _, lab in ordered], input_size=affinity["input_size"],
+                             radius=affinity["radius"], epochs=affinity["epochs"], lr=affinity["lr"],
+                             batch_size=affinity["batch_size"], seed=seed, device=device)
+        if not dist.enabled:
+            return net
+        state = {k: v.cpu() for k, v in net.state_dict().items()}
+    state = dist.broadcast_object(state)
+    net = net if dist.is_main else AffinityNet()
+    net.load_state_dict(state)
+    return net.to(device).eval()

@@ -394,6 +394,7 @@ class PseudoMaskWriter(ShardedRecordWriter):
         mask_size: tuple[int, int],
         shard_size: int = 256,
         attrs: Mapping[str, Any] | None = None,
+        dist: DistContext = SINGLE_PROCESS,
     ) -> None:
         full = {
             "resize": "stretch",
@@ -419,6 +420,7 @@ class PseudoMaskWriter(ShardedRecordWriter):
             },
             shard_size=shard_size,
             attrs=full,
+            dist=dist,
         )
 
     def __enter__(self) -> PseudoMaskWriter:

@@ -1,6 +1,10 @@
 """Stage make_pseudo_masks: PRMS (Eq. 10) + IRN-style refinement + thresholding -> one pseudo-mask per
 train object in ``artifacts/pseudo_masks.zarr``, the affinity network in ``artifacts/affinity``, and a
-diagnostic report (pseudo-masks vs GT; nothing trains on GT) in ``artifacts/reports/pseudo_masks.json``."""
+diagnostic report (pseudo-masks vs GT; nothing trains on GT) in ``artifacts/reports/pseudo_masks.json``.
+
+With ``base.nproc > 1`` the stage runs under torchrun: each rank builds the pseudo-masks of its own
+store shards and writes them (no shard has two writers); see :mod:`pipeline.pseudo_labels`.
+"""
 
 import sys
 from pathlib import Path
@@ -8,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -21,32 +26,43 @@ from pipeline.models.clip_artifact import load_clip  # noqa: E402
 from pipeline.models.clip_backbone import FrozenClip  # noqa: E402
 from pipeline.pseudo_labels import load_split_responses, make_pseudo_masks, select_responses  # noqa: E402
 from pipeline.refine.pseudo_mask import to_pseudo_mask  # noqa: E402
-from pipeline.stage import StageTimer, start_stage  # noqa: E402
+from pipeline.stage import StageTimer, start_distributed_stage  # noqa: E402
 from pipeline.store import PseudoMaskWriter, open_responses  # noqa: E402
 
 
-def mask_quality(masks: dict, objects, gt: GroundTruth) -> dict:
-    """mIoU and P@0.5 of S x S masks against GT at the original size (diagnostic only)."""
+def object_ious(masks: dict, objects, gt: GroundTruth) -> np.ndarray:
+    """IoU of each object's S x S mask against its GT at the original size (diagnostic only)."""
     ious = []
     for row in objects.itertuples():
         mask = Image.fromarray(masks[row.ref_id].astype(np.uint8))
         up = mask.resize((row.width, row.height), Image.NEAREST)
         ious.append(iou(np.asarray(up, dtype=bool), gt.mask(row.ref_id)))
-    ious = np.asarray(ious)
+    return np.asarray(ious)
+
+
+def quality(ious: np.ndarray) -> dict:
+    """mIoU and P@0.5 of per-object IoUs."""
     return {"mIoU": round(float(ious.mean()), 4), "P@0.5": round(float((ious >= 0.5).mean()), 4)}
 
 
 def main() -> None:
-    params, device = start_stage("make_pseudo_masks")
+    params, device, dist = start_distributed_stage("make_pseudo_masks")
     p = params.pseudo_masks
     size = p.size
     index = load_index(paths.INDEX)
     train = split_sentences(index.images, index.sentences, "train")
+    ref_order = np.sort(train["ref_id"].unique())  # the store's row order
     bank = ImageBank.from_index(index.images, size)
     responses = load_split_responses(open_responses(paths.RESPONSES), "train")
     frozen = FrozenClip(load_clip(paths.CLIP)).to(device) if p.prms else None
-    with StageTimer("make_pseudo_masks"):
-        sel = select_responses(train, responses, bank, frozen, use_prms=p.prms, off_choice=p.prms_off_choice,
+    attrs = {"input_size": [size, size], "refine": p.refine, "prms": p.prms, "threshold": p.threshold}
+    writer = PseudoMaskWriter(paths.PSEUDO_MASKS, (size, size), p.shard_size, attrs, dist=dist)
+    with StageTimer("make_pseudo_masks"), writer:
+        writer.add_split("train", len(ref_order))
+        ranges = writer.owned_ranges("train")  # this rank's objects: whole shards of the store
+        rows = np.concatenate([np.arange(a, b) for a, b in ranges] or [np.empty(0, dtype=np.int64)])
+        mine = train[train["ref_id"].isin(ref_order[rows])]
+        sel = select_responses(mine, responses, bank, frozen, use_prms=p.prms, off_choice=p.prms_off_choice,
                                max_tokens=params.model.max_tokens,
                                calibration_size=params.step1.calibration_size, device=device,
                                seed=params.base.seed)
@@ -54,33 +70,45 @@ def main() -> None:
             sel, bank, method=p.refine, conf_fg=p.conf_fg, conf_bg=p.conf_bg, crf_kwargs=p.crf.model_dump(),
             affinity=p.affinity.model_dump(), random_walk=p.random_walk.model_dump(), threshold=p.threshold,
             keep=p.keep, workers=p.workers, seed=params.base.seed, device=device,
-            walk_seed=p.walk_seed)
-    objects = sel.objects
-    with atomic_dir(paths.AFFINITY) as out:
-        torch.save({"model": net.state_dict() if net else None, "input_size": p.affinity.input_size},
-                   out / "affinity.pt")
-    attrs = {"input_size": [size, size], "refine": p.refine, "prms": p.prms, "threshold": p.threshold}
-    with PseudoMaskWriter(paths.PSEUDO_MASKS, (size, size), 256, attrs) as writer:
-        writer.add_split("train", len(objects))
-        writer.write("train", 0, np.stack([masks[int(r)] for r in objects["ref_id"]]), objects["ref_id"],
-                     objects["image_id"], objects["height"], objects["width"], objects["sent_id_selected"])
+            walk_seed=p.walk_seed, global_rows=rows, total_objects=len(ref_order), dist=dist)
+        objects = sel.objects
+        if dist.is_main:
+            with atomic_dir(paths.AFFINITY) as out:
+                torch.save({"model": net.state_dict() if net else None, "input_size": p.affinity.input_size},
+                           out / "affinity.pt")
+        for a, b in ranges:
+            part = objects.iloc[np.searchsorted(rows, a):np.searchsorted(rows, a) + (b - a)]
+            writer.write("train", a, np.stack([masks[int(r)] for r in part["ref_id"]]), part["ref_id"],
+                         part["image_id"], part["height"], part["width"], part["sent_id_selected"])
 
+    # diagnostic report: per-object IoUs from every rank, in store order
     gt = GroundTruth(index.refs)
     raw = {r: to_pseudo_mask(sel.fg_maps[r], p.threshold, p.keep) for r in sel.fg_maps}
     first = {r: to_pseudo_mask(sel.first_maps[r], p.threshold, p.keep) for r in sel.first_maps}
-    multi = objects["num_expressions"] > 1
-    report = {
-        "n_objects": len(objects),
-        "raw_first_expression": mask_quality(first, objects, gt),
-        "raw_selected": mask_quality(raw, objects, gt),
-        "refined": mask_quality(masks, objects, gt),
-        "prms": {"enabled": p.prms, "objects_with_several_expressions": int(multi.sum()),
-                 "picked_other_than_first": int(objects["changed"].sum()),
-                 "mean_expressions_per_object": round(float(objects["num_expressions"].mean()), 3)},
-        "refine": p.refine,
-    }
-    print(f"[make_pseudo_masks] {report}")
-    write_json(paths.REPORTS / "pseudo_masks.json", report)
+    local = {"rows": rows, "first": object_ious(first, objects, gt), "raw": object_ious(raw, objects, gt),
+             "refined": object_ious(masks, objects, gt), "objects": objects[["num_expressions", "changed"]]}
+    parts = [local]
+    if dist.enabled:
+        parts = [None] * dist.world_size
+        torch.distributed.all_gather_object(parts, local)
+    if dist.is_main:
+        order = np.argsort(np.concatenate([q["rows"] for q in parts]), kind="stable")
+        cat = lambda key: np.concatenate([q[key] for q in parts])[order]  # noqa: E731
+        info = pd.concat([q["objects"] for q in parts], ignore_index=True).iloc[order]
+        multi = info["num_expressions"] > 1
+        report = {
+            "n_objects": len(ref_order),
+            "raw_first_expression": quality(cat("first")),
+            "raw_selected": quality(cat("raw")),
+            "refined": quality(cat("refined")),
+            "prms": {"enabled": p.prms, "objects_with_several_expressions": int(multi.sum()),
+                     "picked_other_than_first": int(info["changed"].sum()),
+                     "mean_expressions_per_object": round(float(info["num_expressions"].mean()), 3)},
+            "refine": p.refine,
+        }
+        print(f"[make_pseudo_masks] {report}")
+        write_json(paths.REPORTS / "pseudo_masks.json", report)
+    dist.close()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """torchrun + DDP (gloo, 2 CPU processes) gives the single-process result: Step-1 and Step-2 weights
-within float tolerance, and the same response store from a dump split across two writers.
+within float tolerance, the same response store from a dump split across two writers, and the same
+pseudo-masks and report from make_pseudo_masks split across two ranks.
 
 Launched the way a user does it: ``base.nproc: 2`` in params.yaml makes each stage script re-execute
 itself under torchrun. BatchNorm is frozen (``freeze_batchnorm``) because gloo has no SyncBatchNorm:
 with per-rank batch statistics two processes would legitimately differ from one.
 """
 
+import json
 import shutil
 
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 import torch
 from tiny_pipeline import run_stage, write_params
 
-from pipeline.store import open_responses
+from pipeline.store import open_pseudo_masks, open_responses
 
 FROZEN_BN = {"step1": {"freeze_batchnorm": True}, "step2": {"freeze_batchnorm": True}}
 
@@ -74,8 +76,21 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         np.testing.assert_allclose(maps, stores[1][split][1], atol=2e-3)
     assert not list((work / "artifacts").glob(".responses.zarr.*")), "no temporary store may remain"
 
+    # pseudo-masks: ranks take alternate shards of objects; masks and report must not change
+    results = []
+    for nproc in (1, 2):
+        write_params(work, {**FROZEN_BN, "base": {"nproc": nproc}, "pseudo_masks": {"shard_size": 8}})
+        run_stage(work, "make_pseudo_masks")
+        masks = open_pseudo_masks(work / "artifacts" / "pseudo_masks.zarr")
+        ids = masks.ref_ids("train")
+        assert len(ids) > 16, "the test needs several shards per rank"
+        results.append((ids, np.stack([masks.get("train", int(r)) for r in ids]),
+                        json.loads((work / "artifacts" / "reports" / "pseudo_masks.json").read_text())))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    assert results[0][2] == results[1][2]
+
     write_params(work, FROZEN_BN)
-    run_stage(work, "make_pseudo_masks")
     one, two = _train_twice(work, "train_step2", "step2")
     assert _max_difference(one, two) < 1e-4
 
