@@ -79,7 +79,7 @@ def iter_segmenter_probs(model: torch.nn.Module, bank: ImageBank, sentences: pd.
     texts = sentences["text"].tolist()
     for start in range(0, len(sentences), batch_size):
         part = sentences.iloc[start:start + batch_size]
-        images = clip_normalize(bank.batch(part["image_id"]).to(device))
+        images = clip_normalize(bank.batch(part["image_id"], device))
         tokens = tokenize(texts[start:start + batch_size], max_tokens).to(device)
         logits = model(images, tokens).float()[:, 0].cpu()
         for k, row in enumerate(part.itertuples()):

@@ -40,7 +40,7 @@ def iter_responses(model: TRISLocaliser, bank: ImageBank, sentences: pd.DataFram
     batches = [(s, min(s + batch_size, e)) for b, e in ranges for s in range(b, e, batch_size)]
     for start, stop in progress(batches, desc=desc, disable=not show_progress or None):
         unique, index = np.unique(image_ids[start:stop], return_inverse=True)
-        images = channels_last(clip_normalize(bank.batch(unique).to(device)))
+        images = channels_last(clip_normalize(bank.batch(unique, device)))
         tokens = tokenize(texts[start:stop], max_tokens).to(device)
         maps = model.forward_paired(images, tokens, torch.as_tensor(index, device=device))
         yield start, maps.float().cpu().numpy()

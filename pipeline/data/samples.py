@@ -69,9 +69,17 @@ class ImageBank:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(self.get, todo))
 
-    def batch(self, image_ids: Iterable[int]) -> torch.Tensor:
-        """``(B, 3, size, size)`` float batch in [0, 1]."""
-        return torch.stack([self.get(int(i)) for i in image_ids]).float().div_(255.0)
+    def batch(self, image_ids: Iterable[int], device: torch.device | str = "cpu") -> torch.Tensor:
+        """``(B, 3, size, size)`` float batch in [0, 1] on ``device``.
+
+        For CUDA the uint8 batch is pinned and copied asynchronously, and converted to float on the GPU
+        (a quarter of the bytes over PCIe, and the copy overlaps the previous step's kernels).
+        """
+        device = torch.device(device)
+        raw = torch.stack([self.get(int(i)) for i in image_ids])
+        if device.type == "cuda":
+            raw = raw.pin_memory().to(device, non_blocking=True)
+        return raw.float().div_(255.0)
 
 
 def one_sentence_per_ref(ref_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:

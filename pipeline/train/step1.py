@@ -203,7 +203,7 @@ def train_step1(model: TRISLocaliser, frozen: FrozenClip, bank: ImageBank, sente
             targets, valid = classification_targets(image_ids[rows], image_ids[query_rows],
                                                      cfg.num_negatives, rng)
             local = dist.local_slice(len(rows))  # this rank's images; every rank scores all queries
-            images01 = bank.batch(image_ids[rows[local]]).to(device)
+            images01 = bank.batch(image_ids[rows[local]], device)
             tokens = tokens_all[query_rows].to(device)
             with autocast(device, cfg.amp):
                 responses = net(channels_last(clip_normalize(images01)), tokens)  # (b, Q, h, w), Eq. 2

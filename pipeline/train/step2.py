@@ -111,7 +111,7 @@ def train_step2(model: ReferringSegmenter, bank: ImageBank, sentences: pd.DataFr
         for batch_rows in bar:
             local = dist.local_slice(len(batch_rows))
             rows = batch_rows[local]
-            images = channels_last(clip_normalize(bank.batch(image_ids[rows]).to(device)))
+            images = channels_last(clip_normalize(bank.batch(image_ids[rows], device)))
             tokens = tokens_all[rows].to(device)
             target = masks_to_input_size(np.stack([masks_by_ref[int(r)] for r in ref_ids[rows]]),
                                          bank.size).to(device)
