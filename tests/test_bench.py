@@ -1,0 +1,33 @@
+"""The benchmark scripts measure what they say: stage times parsed from a repro log, and storage ratios
+computed from the stores' real bytes."""
+
+import numpy as np
+import pytest
+
+from bench import repro_time, storage
+from bench.common import directory_bytes
+from pipeline.store import PseudoMaskWriter, ResponseWriter
+
+
+def test_stage_wall_times_are_parsed_from_the_repro_log():
+    log = "Running stage 'index':\n[index] wall time 1.9 s\nnoise\n[train_step1] wall time 200.0 s\n"
+    assert dict(repro_time.STAGE_TIME.findall(log)) == {"index": "1.9", "train_step1": "200.0"}
+
+
+def test_storage_ratios_use_the_bytes_on_disk(in_tmp_cwd):
+    ids = np.arange(10)
+    with ResponseWriter("artifacts/responses.zarr", (6, 6), attrs={"input_size": [192, 192]}) as w:
+        w.add_split("train", 10)
+        w.write("train", 0, np.random.default_rng(0).random((10, 6, 6)), ids, ids // 2, ids, ids * 0 + 100,
+                ids * 0 + 200)
+    with PseudoMaskWriter("artifacts/pseudo_masks.zarr", (32, 32)) as w:
+        w.add_split("train", 5)
+        w.write("train", 0, np.ones((5, 32, 32), np.uint8), ids[:5], ids[:5], ids[:5] * 0 + 100,
+                ids[:5] * 0 + 200, ids[:5])
+    r = storage.run()
+    npy = 100 * 200 * 4 + storage.NPY_HEADER
+    assert r["npy_bytes_per_ref"] == npy
+    on_disk = directory_bytes(in_tmp_cwd / "artifacts" / "responses.zarr")
+    assert r["responses_bytes_per_sentence"] == pytest.approx(on_disk / 10)
+    assert r["pseudo_masks_ratio"] == pytest.approx(r["pseudo_mask_bytes_per_ref"] / npy)
+    assert 0 < r["responses_ratio"] < 1
