@@ -6,9 +6,14 @@ a full chain of 8 squarings takes many minutes on a small CPU. Its *peak* memory
 squaring already (every later squaring holds the same two matrices), so the dense side is measured as
 "build T + one squaring" and its full time is extrapolated as build + exp_times * squaring.
 
-Each measurement runs in a fresh subprocess so peaks do not mix: on CPU the peak is the increase of the
-process's max RSS (``resource.getrusage``) over its value after setup (tracemalloc cannot see torch's
-allocations); on CUDA it is ``torch.cuda.max_memory_allocated``.
+Each measurement runs in a fresh subprocess so peaks do not mix. On CUDA the peak is
+``torch.cuda.max_memory_allocated``. On CPU (tracemalloc cannot see torch's allocations) it is the
+process's resident high-water mark ``VmHWM`` over its resident size ``VmRSS`` after setup; the mark is
+reset to the current size first (``echo 5 > /proc/self/clear_refs``), because the max RSS of
+``getrusage`` cannot be reset and an earlier transient peak (importing torch, the warm-up) hides
+everything below it. Freed memory must leave the process for this to work, so the worker fixes glibc's
+mmap threshold (``MALLOC_MMAP_THRESHOLD_``): every tensor above 64 KiB is its own mapping, returned to
+the OS when freed.
 
     python -m bench.random_walk_memory [--device cpu|cuda] [--height 120 --width 160]   (from the repo root)
 """
@@ -17,10 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -50,6 +58,22 @@ def _warm_up(args: argparse.Namespace) -> None:
     _sync(args.device)
 
 
+def _resident_bytes() -> tuple[int, int]:
+    """(current, high-water) resident bytes of this process, from /proc/self/status."""
+    status = Path("/proc/self/status").read_text()
+    kib = {key: int(re.search(rf"{key}:\s+(\d+)", status).group(1)) for key in ("VmRSS", "VmHWM")}
+    return kib["VmRSS"] * 1024, kib["VmHWM"] * 1024
+
+
+def _reset_resident_peak() -> bool:
+    """Reset VmHWM to the current VmRSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def _worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     x, boundary = _inputs(args)
@@ -59,7 +83,9 @@ def _worker(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
+    elif _reset_resident_peak():
+        base = _resident_bytes()[0]
+    else:  # no /proc: the getrusage peak, which under-counts when setup peaked higher
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out: dict = {}
     start = time.perf_counter()
@@ -80,6 +106,8 @@ def _worker(args: argparse.Namespace) -> dict:
         out["time_s"] = out["build_s"] + args.exp_times * out["square_s"]
     if cuda:
         out["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+    elif Path("/proc/self/clear_refs").exists():
+        out["peak_bytes"] = _resident_bytes()[1] - base
     else:
         out["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return out
@@ -89,7 +117,8 @@ def _run(kind: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, "-m", "bench.random_walk_memory", "--worker", kind]
     for key in ("device", "height", "width", "radius", "beta", "exp_times", "threads"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

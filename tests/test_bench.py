@@ -4,7 +4,7 @@ computed from the stores' real bytes."""
 import numpy as np
 import pytest
 
-from bench import repro_time, storage
+from bench import random_walk_memory, repro_time, storage
 from bench.common import directory_bytes
 from pipeline.store import PseudoMaskWriter, ResponseWriter
 
@@ -31,3 +31,11 @@ def test_storage_ratios_use_the_bytes_on_disk(in_tmp_cwd):
     assert r["responses_bytes_per_sentence"] == pytest.approx(on_disk / 10)
     assert r["pseudo_masks_ratio"] == pytest.approx(r["pseudo_mask_bytes_per_ref"] / npy)
     assert 0 < r["responses_ratio"] < 1
+
+
+def test_cpu_peak_memory_sees_the_sparse_walk_above_an_earlier_larger_peak():
+    """The sparse walk's working set (~9 MiB at 60x80) is below the peaks of importing torch and of the
+    warm-up; a high-water mark that is not reset reported 0 bytes for it."""
+    sparse = random_walk_memory.run(device="cpu", height=60, width=80, exp_times=2)["sparse"]
+    transitions = 60 * 80 * (2 * 5 + 1) ** 2 * 4  # one float32 weight per pixel and neighbour
+    assert transitions / 2 < sparse["peak_bytes"] < 20 * transitions
