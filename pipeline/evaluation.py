@@ -77,9 +77,12 @@ def iter_segmenter_probs(model: torch.nn.Module, bank: ImageBank, sentences: pd.
     """Yield ``(sent_id, ref_id, probability map at original size)`` of the Step-2 network."""
     model.to(device).eval()
     texts = sentences["text"].tolist()
-    for start in range(0, len(sentences), batch_size):
+    starts = range(0, len(sentences), batch_size)
+    image_ids = sentences["image_id"].to_numpy()
+    image_batches = bank.prefetch((image_ids[start:start + batch_size] for start in starts), device)
+    for start, images01 in zip(starts, image_batches, strict=True):
         part = sentences.iloc[start:start + batch_size]
-        images = clip_normalize(bank.batch(part["image_id"], device))
+        images = clip_normalize(images01)
         tokens = tokenize(texts[start:start + batch_size], max_tokens).to(device)
         logits = model(images, tokens).float()[:, 0].cpu()
         for k, row in enumerate(part.itertuples()):

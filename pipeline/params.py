@@ -24,7 +24,8 @@ class _Strict(BaseModel):
 class BaseParams(_Strict):
     seed: int = 0
     device: str = Field("auto", description="auto (CUDA if present, else CPU) | cpu | cuda | cuda:N")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    num_workers: int = Field(0, ge=0, description="image-decoding threads of ImageBank (the DataLoader "
+                             "workers' job); 0 = one per core, at most 8")
     threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0 = torch's default")
     nproc: int = Field(1, ge=1, description="processes for train_step1/2 and dump_responses; > 1 launches "
                        "the stage through torchrun (one per GPU on CUDA, gloo on CPU)")

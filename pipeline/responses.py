@@ -38,9 +38,11 @@ def iter_responses(model: TRISLocaliser, bank: ImageBank, sentences: pd.DataFram
     image_ids = sentences["image_id"].to_numpy()
     ranges = [(0, len(sentences))] if ranges is None else ranges
     batches = [(s, min(s + batch_size, e)) for b, e in ranges for s in range(b, e, batch_size)]
-    for start, stop in progress(batches, desc=desc, disable=not show_progress or None):
-        unique, index = np.unique(image_ids[start:stop], return_inverse=True)
-        images = channels_last(clip_normalize(bank.batch(unique, device)))
+    uniques = [np.unique(image_ids[start:stop], return_inverse=True) for start, stop in batches]
+    image_batches = bank.prefetch((unique for unique, _ in uniques), device)
+    bar = progress(batches, desc=desc, disable=not show_progress or None)
+    for (start, stop), (_, index), images01 in zip(bar, uniques, image_batches, strict=True):
+        images = channels_last(clip_normalize(images01))
         tokens = tokenize(texts[start:stop], max_tokens).to(device)
         maps = model.forward_paired(images, tokens, torch.as_tensor(index, device=device))
         yield start, maps.float().cpu().numpy()

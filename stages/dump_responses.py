@@ -25,7 +25,7 @@ def main() -> None:
     model, meta = load_localiser(paths.STEP1 / "model.pt")
     index = load_index(paths.INDEX)
     size = meta["input_size"]
-    bank = ImageBank.from_index(index.images, size)
+    bank = ImageBank.from_index(index.images, size, workers=params.base.num_workers)
     splits = ["train", *[s for s in params.data.eval_splits if s != "train"]]
     first = split_sentences(index.images, index.sentences, splits[0]).iloc[:1]
     _, probe = next(iter_responses(model, bank, first, 1, meta["max_tokens"], device, show_progress=False))

@@ -21,7 +21,7 @@ def main() -> None:
     model, meta = load_segmenter(paths.STEP2 / "model.pt")
     index = load_index(paths.INDEX)
     gt = GroundTruth(index.refs)
-    bank = ImageBank.from_index(index.images, meta["input_size"])
+    bank = ImageBank.from_index(index.images, meta["input_size"], workers=params.base.num_workers)
     report = {}
     with StageTimer("evaluate_step2"):
         for split in params.data.eval_splits:

@@ -52,7 +52,7 @@ def main() -> None:
     index = load_index(paths.INDEX)
     train = split_sentences(index.images, index.sentences, "train")
     ref_order = np.sort(train["ref_id"].unique())  # the store's row order
-    bank = ImageBank.from_index(index.images, size)
+    bank = ImageBank.from_index(index.images, size, workers=params.base.num_workers)
     responses = load_split_responses(open_responses(paths.RESPONSES), "train")
     frozen = FrozenClip(load_clip(paths.CLIP)).to(device) if p.prms else None
     attrs = {"input_size": [size, size], "refine": p.refine, "prms": p.prms, "threshold": p.threshold}

@@ -35,7 +35,7 @@ def main() -> None:
             tiny = clip_p.tiny.model_dump()
             model = build_clip(clip_p.name, None, tiny=tiny, context_length=params.model.max_tokens)
             train = split_sentences(index.images, index.sentences, "train")
-            bank = ImageBank.from_index(index.images, clip_p.tiny.image_size)
+            bank = ImageBank.from_index(index.images, clip_p.tiny.image_size, workers=params.base.num_workers)
             live, log = open_live(out / "live")
             pretrain_clip(model, bank, train, PretrainConfig(
                 epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,

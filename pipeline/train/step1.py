@@ -197,13 +197,13 @@ def train_step1(model: TRISLocaliser, frozen: FrozenClip, bank: ImageBank, sente
         sums: dict[str, float] = {}
         bar = progress(batches, desc=f"train_step1 {epoch + 1}/{cfg.epochs}",
                        disable=not dist.is_main or None)
-        for rows in bar:
+        local_images = (image_ids[rows[dist.local_slice(len(rows))]] for rows in batches)
+        for rows, images01 in zip(bar, bank.prefetch(local_images, device), strict=True):
             extra = extra_negative_rows(rows, image_ids, cfg.num_negatives - (len(rows) - 1), rng)
             query_rows = np.concatenate([rows, extra])
             targets, valid = classification_targets(image_ids[rows], image_ids[query_rows],
                                                      cfg.num_negatives, rng)
             local = dist.local_slice(len(rows))  # this rank's images; every rank scores all queries
-            images01 = bank.batch(image_ids[rows[local]], device)
             tokens = tokens_all[query_rows].to(device)
             with autocast(device, cfg.amp):
                 responses = net(channels_last(clip_normalize(images01)), tokens)  # (b, Q, h, w), Eq. 2

@@ -108,10 +108,10 @@ def train_step2(model: ReferringSegmenter, bank: ImageBank, sentences: pd.DataFr
         total = 0.0
         bar = progress(batches, desc=f"train_step2 {epoch + 1}/{cfg.epochs}",
                        disable=not dist.is_main or None)
-        for batch_rows in bar:
-            local = dist.local_slice(len(batch_rows))
-            rows = batch_rows[local]
-            images = channels_last(clip_normalize(bank.batch(image_ids[rows], device)))
+        local_images = (image_ids[rows[dist.local_slice(len(rows))]] for rows in batches)
+        for batch_rows, images01 in zip(bar, bank.prefetch(local_images, device), strict=True):
+            rows = batch_rows[dist.local_slice(len(batch_rows))]
+            images = channels_last(clip_normalize(images01))
             tokens = tokens_all[rows].to(device)
             target = masks_to_input_size(np.stack([masks_by_ref[int(r)] for r in ref_ids[rows]]),
                                          bank.size).to(device)
