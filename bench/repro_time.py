@@ -5,9 +5,6 @@ breakdown (each stage prints ``[stage] wall time X s``), and the no-op `dvc repr
     python -m bench.repro_time              # full run in a temporary clone of HEAD (~15 min on 2 cores)
     python -m bench.repro_time --in-place   # `dvc repro --force` in this checkout (rewrites artifacts/)
     python -m bench.repro_time --noop       # only the no-op repro, in this checkout (after `dvc repro`)
-
-``--in-place`` deletes the two training ``resume.pt`` files first: with them a forced re-run would
-resume the finished trainings instead of timing them.
 """
 
 from __future__ import annotations
@@ -53,8 +50,6 @@ def run(mode: str = "clone") -> dict:
     if mode == "noop":
         return {"noop_s": noop_seconds(ROOT)}
     if mode == "in-place":
-        for out in ("step1", "step2"):
-            (ROOT / "artifacts" / out / "resume.pt").unlink(missing_ok=True)
         return timed_full_repro(ROOT, "--force")
     tmp = Path(tempfile.mkdtemp(prefix="tris-repro-"))
     try:

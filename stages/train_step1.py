@@ -1,8 +1,10 @@
 """Stage train_step1: the TRIS localiser trained from text alone (Eq. 1-9).
 
 Resumable: after every epoch ``artifacts/step1/resume.pt`` records model, optimiser, scheduler and a
-fingerprint of params + inputs. The output directory is a DVC ``persist`` out, so after a kill the next
-``dvc repro`` continues from the last finished epoch (set ``step1.resume: false`` to always start over).
+fingerprint of params, inputs and code. The output directory is a DVC
+``persist`` out, so after a kill the next ``dvc repro`` continues from the last finished epoch (set
+``step1.resume: false`` to always start over). A finished run deletes ``resume.pt``: a re-run, forced or
+after a code change, trains again instead of "resuming" after the last epoch.
 The final weights are ``model.pt`` (last epoch: model selection reads no ground truth).
 """
 
@@ -19,7 +21,7 @@ from pipeline.models.checkpoints import build_localiser, save_localiser  # noqa:
 from pipeline.models.clip_artifact import load_clip  # noqa: E402
 from pipeline.models.clip_backbone import FrozenClip  # noqa: E402
 from pipeline.stage import StageTimer, start_distributed_stage  # noqa: E402
-from pipeline.train.common import fingerprint, load_resume_state  # noqa: E402
+from pipeline.train.common import fingerprint, load_resume_state, training_code  # noqa: E402
 from pipeline.train.live import open_live  # noqa: E402
 from pipeline.train.step1 import Step1TrainConfig, localiser_meta, train_step1  # noqa: E402
 
@@ -34,7 +36,7 @@ def main() -> None:
     meta = localiser_meta(params, str(paths.CLIP))
     cfg = Step1TrainConfig.from_params(params)
     run_id = fingerprint({"step1": p.model_dump(), "meta": meta, "seed": params.base.seed},
-                         [paths.INDEX, paths.CLIP])
+                         [paths.INDEX, paths.CLIP, *training_code(__file__)])
     resume_path = out / "resume.pt"
     if dist.is_main and not p.resume:
         resume_path.unlink(missing_ok=True)
@@ -45,7 +47,7 @@ def main() -> None:
 
     index = load_index(paths.INDEX)
     train = split_sentences(index.images, index.sentences, "train")
-    bank = ImageBank.from_index(index.images, p.input_size)
+    bank = ImageBank.from_index(index.images, p.input_size, workers=params.base.num_workers)
     model = build_localiser(paths.CLIP, meta)
     if p.init_projectors == "clip" and not resuming and not model.init_projectors_from_clip():
         sys.exit("train_step1: step1.init_projectors=clip needs a ResNet CLIP and model.hidden_dim equal to "
@@ -58,6 +60,7 @@ def main() -> None:
     if dist.is_main:
         live.end()
         save_localiser(out / "model.pt", model.cpu(), meta)
+        resume_path.unlink(missing_ok=True)  # finished: only an interrupted run resumes
     dist.barrier()
     dist.close()
 

@@ -19,7 +19,7 @@ from pipeline.models.segmenter import ReferringSegmenter  # noqa: E402
 from pipeline.predict import save_segmenter  # noqa: E402
 from pipeline.stage import StageTimer, start_distributed_stage  # noqa: E402
 from pipeline.store import open_pseudo_masks  # noqa: E402
-from pipeline.train.common import fingerprint, load_resume_state  # noqa: E402
+from pipeline.train.common import fingerprint, load_resume_state, training_code  # noqa: E402
 from pipeline.train.live import open_live  # noqa: E402
 from pipeline.train.step2 import Step2TrainConfig, train_step2  # noqa: E402
 
@@ -36,7 +36,7 @@ def main() -> None:
             "max_tokens": params.model.max_tokens, "input_size": p.input_size,
             "fusion_dim": p.fusion_dim, "decoder_dim": p.decoder_dim}
     run_id = fingerprint({"step2": p.model_dump(), "meta": meta, "seed": params.base.seed},
-                         [paths.INDEX, paths.CLIP, paths.PSEUDO_MASKS])
+                         [paths.INDEX, paths.CLIP, paths.PSEUDO_MASKS, *training_code(__file__)])
     resume_path = out / "resume.pt"
     if dist.is_main and not p.resume:
         resume_path.unlink(missing_ok=True)
@@ -49,7 +49,7 @@ def main() -> None:
     train = split_sentences(index.images, index.sentences, "train")
     store = open_pseudo_masks(paths.PSEUDO_MASKS)
     masks_by_ref = {int(r): store.get("train", int(r)) for r in store.ref_ids("train")}
-    bank = ImageBank.from_index(index.images, p.input_size)
+    bank = ImageBank.from_index(index.images, p.input_size, workers=params.base.num_workers)
     model = ReferringSegmenter(ClipBackbone(load_clip(paths.CLIP)), p.fusion_dim, p.decoder_dim)
     cfg = Step2TrainConfig.from_params(params)
     live, log = open_live(out / "live", resume=resuming) if dist.is_main else (None, None)
@@ -59,6 +59,7 @@ def main() -> None:
     if dist.is_main:
         live.end()
         save_segmenter(out / "model.pt", model.cpu(), meta)
+        resume_path.unlink(missing_ok=True)  # finished: only an interrupted run resumes
     dist.barrier()
     dist.close()
 

@@ -131,6 +131,7 @@ def test_kill_during_training_then_dvc_repro_resumes_and_a_deleted_chunk_is_rebu
 
     result = _dvc(repo, "repro")  # the whole pipeline completes
     assert "train_step1: resuming after epoch" in result.stdout
+    assert not resume.exists(), "a finished run keeps resume.pt: a forced re-run would not train"
     assert (repo / "artifacts" / "reports" / "metrics.json").is_file()
     assert _dvc(repo, "status").stdout.strip().startswith("Data and pipelines are up to date")
 

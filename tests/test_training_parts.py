@@ -9,9 +9,11 @@ from pipeline.data.samples import distinct_image_batches, one_sentence_per_ref
 from pipeline.train.common import (
     NonFiniteLossError,
     check_finite,
+    fingerprint,
     load_resume_state,
     poly_scheduler,
     save_resume_state,
+    training_code,
 )
 from pipeline.train.step1 import CalibrationNegatives, classification_targets, extra_negative_rows
 
@@ -88,3 +90,17 @@ def test_resume_state_is_ignored_for_another_configuration(tmp_path):
     assert load_resume_state(path, "other") is None
     path.write_bytes(b"torn")
     assert load_resume_state(path, "abc") is None
+
+
+def test_resume_fingerprint_changes_with_the_training_code(tmp_path):
+    """An edited loss must not be "resumed" from the previous run's checkpoint."""
+    stage = tmp_path / "train.py"
+    stage.write_text("LAMBDA = 5\n")
+    code = training_code(stage)
+    assert code[0] == stage.resolve()
+    assert {"losses.py", "step1.py", "common.py"} <= {f.name for f in code}
+    assert all(f.suffix == ".py" for f in code)
+    before = fingerprint({"lr": 1e-3}, code)
+    assert fingerprint({"lr": 1e-3}, code) == before
+    stage.write_text("LAMBDA = 25\n")
+    assert fingerprint({"lr": 1e-3}, code) != before

@@ -97,8 +97,21 @@ def file_digest(paths: Iterable[str | Path]) -> str:
     return h.hexdigest()
 
 
+def training_code(stage_script: str | Path) -> list[Path]:
+    """Source files whose edit must restart a training: the stage script and every module of
+    ``pipeline``.
+
+    The resume fingerprint hashes these beside the params and inputs. Otherwise a run after an edited
+    loss would "resume" from the old run's checkpoint. The whole package is hashed rather than the
+    stage's dvc.yaml deps: stages also run outside DVC (tests, torchrun), where dvc.yaml and its
+    relative paths need not be at hand. Resume exists for crash recovery, and a crash does not edit code.
+    """
+    package = Path(__file__).resolve().parents[1]
+    return [Path(stage_script).resolve(), *sorted(package.rglob("*.py"))]
+
+
 def fingerprint(config: dict[str, Any], inputs: Iterable[str | Path]) -> str:
-    """Identity of a training run: its parameters plus the content of its inputs."""
+    """Identity of a training run: its parameters plus the content of its inputs (code included)."""
     blob = json.dumps(config, sort_keys=True, default=str) + file_digest(inputs)
     return hashlib.md5(blob.encode()).hexdigest()
 
