@@ -35,8 +35,8 @@ def run(split: str = "val", repeats: int = 2) -> dict:
     bank.preload(rows["image_id"])
     batch = params.dump.batch_size
 
-    def responses():
-        return iter_responses(model, bank, rows, batch, meta["max_tokens"], device, show_progress=False)
+    def responses(part=rows, batch_size=batch):
+        return iter_responses(model, bank, part, batch_size, meta["max_tokens"], device, show_progress=False)
 
     def forward_only() -> None:
         for _ in responses():
@@ -44,7 +44,7 @@ def run(split: str = "val", repeats: int = 2) -> dict:
 
     def dump() -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            _, probe = next(iter(responses()))
+            _, probe = next(responses(rows.iloc[:1], 1))  # the map shape, probed as the stage does
             attrs = {"input_size": [meta["input_size"]] * 2}
             with ResponseWriter(Path(tmp) / "r.zarr", probe.shape[1:], params.dump.shard_size, attrs) as w:
                 w.add_split(split, len(rows))
