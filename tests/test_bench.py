@@ -34,8 +34,8 @@ def test_storage_ratios_use_the_bytes_on_disk(in_tmp_cwd):
 
 
 def test_cpu_peak_memory_sees_the_sparse_walk_above_an_earlier_larger_peak():
-    """The sparse walk's working set (~9 MiB at 60x80) is below the peaks of importing torch and of the
+    """The sparse walk's working set (~2 MiB at 40x60) is below the peaks of importing torch and of the
     warm-up; a high-water mark that is not reset reported 0 bytes for it."""
-    sparse = random_walk_memory.run(device="cpu", height=60, width=80, exp_times=2)["sparse"]
-    transitions = 60 * 80 * (2 * 5 + 1) ** 2 * 4  # one float32 weight per pixel and neighbour
+    sparse = random_walk_memory.run(device="cpu", height=40, width=60, exp_times=2)["sparse"]
+    transitions = 40 * 60 * (2 * 5 + 1) ** 2 * 4  # one float32 weight per pixel and neighbour
     assert transitions / 2 < sparse["peak_bytes"] < 20 * transitions
