@@ -3,6 +3,7 @@
     python scripts/ablations.py                # reproduce the baseline, queue, run, tabulate
     python scripts/ablations.py --dry-run      # print the dvc commands only
     python scripts/ablations.py --collect-only # re-tabulate experiments that already ran
+    python scripts/ablations.py --seeds 1 2    # also: the full method and L_cls only at base.seed 1, 2
 
 Each ablation is one ``dvc exp run --queue -S key=value ... <target>``; ``dvc queue start`` runs them one
 at a time (two CPU-bound trainings on two cores are slower than one after the other). Every experiment
@@ -11,6 +12,10 @@ and the Table 4 row re-runs pseudo-masks and Step-2. The workspace (the committe
 reference row of every table. Experiments that already exist for this commit are reused unless
 ``--rerun`` is given, so an interrupted run continues where it stopped.
 
+``--seeds`` measures how much of a difference between rows is noise: the full method and "L_cls only"
+are re-run with each extra ``base.seed`` (new synthetic data, CLIP and Step-1), and a table gives their
+mean and standard deviation over the committed seed and the extra ones.
+
 The Markdown table is written to ``--out`` (default ``docs/ablations.md``) and printed.
 """
 
@@ -18,12 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP1_METRICS = "artifacts/reports/step1.json"
@@ -68,6 +76,17 @@ ABLATIONS: tuple[Ablation, ...] = (
     Ablation("5K", f"abl-t5-k{12}", "K = 12", {"step1.calibration_negatives": 12}),
 )
 
+# Rows re-run at other seeds by ``--seeds``: (short name, Table 3 row).
+SEED_ROWS = (("full", "baseline"), ("cls", "abl-t3-cls"))
+
+
+def seed_experiments(seeds: Sequence[int]) -> list[Ablation]:
+    """The ``--seeds`` experiments: each SEED_ROWS row with ``base.seed`` set, named ``seed<S>-<short>``."""
+    rows = {a.name: a for a in ABLATIONS if a.table == "3"}
+    return [Ablation("seed", f"seed{s}-{short}", rows[row].label, {**rows[row].params, "base.seed": s})
+            for s in seeds for short, row in SEED_ROWS]
+
+
 # The paper's own figures (RefCOCOg (U) train for Tables 3 and 5, val IoU for Table 4), to compare the
 # direction of each effect. Keys: IoU, PointIt, P@0.5, PointM in percent.
 PAPER = {
@@ -108,10 +127,10 @@ def queue_command(ablation: Ablation) -> list[str]:
     return [*args, ablation.target]
 
 
-def experiments_to_run() -> list[Ablation]:
-    """Distinct non-baseline ablations, in table order."""
+def experiments_to_run(seeds: Sequence[int] = ()) -> list[Ablation]:
+    """Distinct non-baseline ablations, in table order, then the ``--seeds`` experiments."""
     seen: dict[str, Ablation] = {}
-    for a in ABLATIONS:
+    for a in (*ABLATIONS, *seed_experiments(seeds)):
         if not a.is_baseline:
             seen.setdefault(a.name, a)
     return list(seen.values())
@@ -174,10 +193,34 @@ def _paper(name: str, key: str) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def render_markdown(results: Mapping[str, Mapping[str, dict]], split: str = "val") -> str:
+def _mean_std(values: Sequence[float]) -> str:
+    if len(values) < 2:
+        return "–"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def render_seed_noise(results: Mapping[str, Mapping[str, dict]], seeds: Sequence[int], base_seed: int,
+                      split: str = "val") -> list[str]:
+    """Mean ± sample standard deviation over ``base_seed`` and ``seeds`` of the SEED_ROWS rows."""
+    lines = ["", "### Seed noise: Table 3 rows over seeds " + ", ".join(map(str, [base_seed, *seeds])), "",
+             "| setting | runs | mIoU | PointIt | P@0.5 | PointM |", "|---|---|---|---|---|---|"]
+    labels = {a.name: a.label for a in ABLATIONS if a.table == "3"}
+    for short, row in SEED_ROWS:
+        runs = [results.get(name, {}).get(STEP1_METRICS, {}).get(split)
+                for name in (row, *(f"seed{s}-{short}" for s in seeds))]
+        runs = [r for r in runs if r]
+        cells = [_mean_std([r[k] for r in runs if k in r]) for k, _ in TABLE3_COLUMNS]
+        lines.append(f"| {labels[row]} | {len(runs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(results: Mapping[str, Mapping[str, dict]], split: str = "val",
+                    seeds: Sequence[int] = (), base_seed: int = 0) -> str:
     """The three tables, our figures beside the paper's, in percent."""
+    command = "python scripts/ablations.py" + "".join(f" {flag}" for flag in
+                                                      (["--seeds", *map(str, seeds)] if seeds else []))
     lines = [f"Metrics on the embedded default's `{split}` split, in percent; the paper's figures "
-             "(RefCOCOg (U)) in brackets. Regenerate with `python scripts/ablations.py`.", ""]
+             f"(RefCOCOg (U)) in brackets. Regenerate with `{command}`.", ""]
 
     def step1(name: str, key: str) -> float | None:
         return results.get(name, {}).get(STEP1_METRICS, {}).get(split, {}).get(key)
@@ -205,6 +248,8 @@ def render_markdown(results: Mapping[str, Mapping[str, dict]], split: str = "val
             cells = [f"{_pct(step1(a.name, k))} ({_paper(a.name, p)})"
                      for k, p in (("mIoU", "IoU"), ("PointIt", "PointIt"), ("PointM", "PointM"))]
             lines.append(f"| {a.label} | " + " | ".join(cells) + " |")
+    if seeds:
+        lines += render_seed_noise(results, seeds, base_seed, split)
     return "\n".join(lines) + "\n"
 
 
@@ -217,9 +262,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rerun", action="store_true",
                         help="remove and re-run existing ablation experiments")
     parser.add_argument("--split", default="val")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[],
+                        help="extra base.seed values for the full method and L_cls only (seed noise)")
     args = parser.parse_args(argv)
 
-    todo = experiments_to_run()
+    base_seed = int(yaml.safe_load((ROOT / "params.yaml").read_text())["base"]["seed"])
+    if base_seed in args.seeds:
+        parser.error(f"--seeds: {base_seed} is params.yaml's base.seed, already the committed baseline")
+    todo = experiments_to_run(args.seeds)
     if args.dry_run:
         print("dvc repro")
         for a in todo:
@@ -243,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             wait_for_queue()
     results = collect_metrics(json.loads(dvc("exp", "show", "--json", capture=True)))
     missing = [a.name for a in todo if a.name not in results]
-    table = render_markdown(results, args.split)
+    table = render_markdown(results, args.split, args.seeds, base_seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".md.tmp")
     tmp.write_text(table)

@@ -17,6 +17,7 @@ from scripts.ablations import (
     experiments_to_run,
     queue_command,
     render_markdown,
+    seed_experiments,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def _override(raw: dict, dotted: str, value: object) -> None:
 
 def test_every_ablation_is_a_valid_params_override():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for ablation in experiments_to_run():
+    for ablation in experiments_to_run(seeds=[1, 2]):
         changed = copy.deepcopy(raw)
         for key, value in ablation.params.items():
             _override(changed, key, value)
@@ -62,6 +63,28 @@ def test_render_markdown_shows_our_percentages_beside_the_papers():
     assert "| L_cls only | 12.50 (18.94) | 30.00 (51.42) | 0.00 (3.87) | 20.00 (36.93) |" in table
     assert "| N + 1 = 48 | 25.00 (27.81) | 50.00 (66.99) | 40.00 (53.69) |" in table
     assert "| K = 3 | – (27.05) |" in table  # not run yet: a dash, never a made-up value
+
+
+def test_seed_experiments_rerun_the_full_method_and_cls_only_at_each_seed():
+    extra = seed_experiments([1, 2])
+    assert [a.name for a in extra] == ["seed1-full", "seed1-cls", "seed2-full", "seed2-cls"]
+    assert "base.seed=2" in queue_command(extra[2]) and queue_command(extra[2]).count("-S") == 1
+    cls = queue_command(extra[1])
+    assert "base.seed=1" in cls and "step1.prompt=none" in cls
+    assert len(experiments_to_run([1, 2])) == 13 + 4
+
+
+def test_seed_noise_table_gives_mean_and_sample_std_over_all_seeds():
+    def run(miou):
+        return {STEP1_METRICS: {"val": {"mIoU": miou, "PointIt": 0.5, "P@0.5": 0.1, "PointM": 0.4}}}
+
+    results = {"baseline": run(0.10), "seed1-full": run(0.20), "seed2-full": run(0.30),
+               "abl-t3-cls": run(0.40), "seed1-cls": run(0.40)}  # seed2-cls has not run
+    table = render_markdown(results, seeds=[1, 2], base_seed=0)
+    assert "### Seed noise: Table 3 rows over seeds 0, 1, 2" in table
+    assert "| + BP + P_term + N_term (full) | 3 | 20.00 ± 10.00 | 50.00 ± 0.00 |" in table
+    assert "| L_cls only | 2 | 40.00 ± 0.00 |" in table
+    assert "Seed noise" not in render_markdown(results)
 
 
 @pytest.mark.skipif(shutil.which("dvc") is None or shutil.which("git") is None, reason="needs dvc and git")
