@@ -79,11 +79,12 @@ def _worker(args: argparse.Namespace) -> dict:
     x, boundary = _inputs(args)
     _warm_up(args)
     cuda = args.device.startswith("cuda")
+    resident = not cuda and _reset_resident_peak()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    elif _reset_resident_peak():
+    elif resident:
         base = _resident_bytes()[0]
     else:  # no /proc: the getrusage peak, which under-counts when setup peaked higher
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -106,7 +107,7 @@ def _worker(args: argparse.Namespace) -> dict:
         out["time_s"] = out["build_s"] + args.exp_times * out["square_s"]
     if cuda:
         out["peak_bytes"] = torch.cuda.max_memory_allocated() - base
-    elif Path("/proc/self/clear_refs").exists():
+    elif resident:
         out["peak_bytes"] = _resident_bytes()[1] - base
     else:
         out["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
