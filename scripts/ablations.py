@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from pipeline.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP1_METRICS = "artifacts/reports/step1.json"
@@ -217,8 +217,7 @@ def render_seed_noise(results: Mapping[str, Mapping[str, dict]], seeds: Sequence
 def render_markdown(results: Mapping[str, Mapping[str, dict]], split: str = "val",
                     seeds: Sequence[int] = (), base_seed: int = 0) -> str:
     """The three tables, our figures beside the paper's, in percent."""
-    command = "python scripts/ablations.py" + "".join(f" {flag}" for flag in
-                                                      (["--seeds", *map(str, seeds)] if seeds else []))
+    command = "python scripts/ablations.py" + (" --seeds " + " ".join(map(str, seeds)) if seeds else "")
     lines = [f"Metrics on the embedded default's `{split}` split, in percent; the paper's figures "
              f"(RefCOCOg (U)) in brackets. Regenerate with `{command}`.", ""]
 
@@ -266,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="extra base.seed values for the full method and L_cls only (seed noise)")
     args = parser.parse_args(argv)
 
-    base_seed = int(yaml.safe_load((ROOT / "params.yaml").read_text())["base"]["seed"])
+    base_seed = load_params(ROOT / "params.yaml").base.seed
     if base_seed in args.seeds:
         parser.error(f"--seeds: {base_seed} is params.yaml's base.seed, already the committed baseline")
     todo = experiments_to_run(args.seeds)
