@@ -80,7 +80,7 @@ class ImageBank:
 
     def preload(self, image_ids: Iterable[int]) -> None:
         """Decode up to the cache's capacity up front (images past it would be decoded for nothing)."""
-        todo = [int(i) for i in dict.fromkeys(int(i) for i in image_ids) if int(i) not in self._cache]
+        todo = [i for i in dict.fromkeys(int(i) for i in image_ids) if i not in self._cache]
         list(self.pool.map(self.get, todo[: max(self._capacity - len(self._cache), 0)]))
 
     def host_batch(self, image_ids: Iterable[int], pin: bool = False) -> torch.Tensor:

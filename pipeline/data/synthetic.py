@@ -15,7 +15,7 @@ Files (``out_root`` = the stage output):
 - ``<dataset>/instances.json``: COCO images / annotations (polygon, xywh bbox, area) / categories;
 - ``<dataset>/scenes.json``: each object's shape, colour, size class and geometry (a sidecar the REFER
   readers ignore; tests use it to re-check every expression with :func:`parse_expression`);
-- ``images/synth_XXXXXX.jpg``.
+- ``images/synth_<image_id, six digits>.jpg``, e.g. ``images/synth_000042.jpg``.
 
 Objects are painted through the pycocotools raster of their own COCO polygon, so the ground-truth mask
 that the index decodes covers exactly the painted pixels (PIL's polygon fill differs on the boundary).
