@@ -6,18 +6,15 @@ With ``base.nproc > 1`` the stage runs under torchrun and each rank dumps whole 
 (see :mod:`pipeline.store`); the store is the same as a single-process dump's.
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import paths  # noqa: E402
-from pipeline.data.index import load_index  # noqa: E402
-from pipeline.data.samples import ImageBank, split_sentences  # noqa: E402
-from pipeline.models.checkpoints import load_localiser  # noqa: E402
-from pipeline.responses import iter_responses  # noqa: E402
-from pipeline.stage import StageTimer, start_distributed_stage  # noqa: E402
-from pipeline.store import ResponseWriter  # noqa: E402
+from pipeline import paths
+from pipeline.data.index import load_index
+from pipeline.data.samples import ImageBank, split_sentences
+from pipeline.models.checkpoints import load_localiser
+from pipeline.responses import iter_responses
+from pipeline.stage import StageTimer, start_distributed_stage
+from pipeline.store import ResponseWriter
 
 
 def main() -> None:

@@ -2,19 +2,16 @@
 PointM, PointIt, Acc_box, with the chance PointM baselines beside them) into
 ``artifacts/reports/step1.json``, and renders a best / median / worst gallery of the first split."""
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import paths  # noqa: E402
-from pipeline.atomic import write_json  # noqa: E402
-from pipeline.data.index import load_index  # noqa: E402
-from pipeline.evaluation import GroundTruth, evaluate_responses  # noqa: E402
-from pipeline.inspect import render_sentence  # noqa: E402
-from pipeline.stage import StageTimer, start_stage  # noqa: E402
-from pipeline.store import open_responses  # noqa: E402
-from pipeline.viz import select_sections, write_gallery  # noqa: E402
+from pipeline import paths
+from pipeline.atomic import write_json
+from pipeline.data.index import load_index
+from pipeline.evaluation import GroundTruth, evaluate_responses
+from pipeline.inspect import render_sentence
+from pipeline.stage import StageTimer, start_stage
+from pipeline.store import open_responses
+from pipeline.viz import select_sections, write_gallery
 
 
 def main() -> None:

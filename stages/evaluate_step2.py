@@ -2,18 +2,15 @@
 evaluation split; writes ``artifacts/reports/step2.json`` with the same keys as ``step1.json``
 (PointM / PointIt from the argmax of the predicted probability map)."""
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import paths  # noqa: E402
-from pipeline.atomic import write_json  # noqa: E402
-from pipeline.data.index import load_index  # noqa: E402
-from pipeline.data.samples import ImageBank, split_sentences  # noqa: E402
-from pipeline.evaluation import GroundTruth, iter_segmenter_probs, score_maps  # noqa: E402
-from pipeline.predict import load_segmenter  # noqa: E402
-from pipeline.stage import StageTimer, start_stage  # noqa: E402
+from pipeline import paths
+from pipeline.atomic import write_json
+from pipeline.data.index import load_index
+from pipeline.data.samples import ImageBank, split_sentences
+from pipeline.evaluation import GroundTruth, iter_segmenter_probs, score_maps
+from pipeline.predict import load_segmenter
+from pipeline.stage import StageTimer, start_stage
 
 
 def main() -> None:

@@ -8,13 +8,11 @@ by reason in ``artifacts/index/report.json``; the stage fails only if nothing us
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline import paths  # noqa: E402
-from pipeline.data.index import build_index, format_report, write_index  # noqa: E402
-from pipeline.data.refer import load_refer  # noqa: E402
-from pipeline.params import Params  # noqa: E402
-from pipeline.stage import StageTimer, start_stage  # noqa: E402
+from pipeline import paths
+from pipeline.data.index import build_index, format_report, write_index
+from pipeline.data.refer import load_refer
+from pipeline.params import Params
+from pipeline.stage import StageTimer, start_stage
 
 
 def dataset_location(params: Params) -> tuple[Path, str, str, Path]:

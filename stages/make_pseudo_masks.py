@@ -6,28 +6,24 @@ With ``base.nproc > 1`` the stage runs under torchrun: each rank builds the pseu
 store shards and writes them (no shard has two writers); see :mod:`pipeline.pseudo_labels`.
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from pipeline import paths  # noqa: E402
-from pipeline.atomic import atomic_dir, write_json  # noqa: E402
-from pipeline.data.index import load_index  # noqa: E402
-from pipeline.data.samples import ImageBank, split_sentences  # noqa: E402
-from pipeline.evaluation import GroundTruth  # noqa: E402
-from pipeline.metrics import iou  # noqa: E402
-from pipeline.models.clip_artifact import load_clip  # noqa: E402
-from pipeline.models.clip_backbone import FrozenClip  # noqa: E402
-from pipeline.pseudo_labels import load_split_responses, make_pseudo_masks, select_responses  # noqa: E402
-from pipeline.refine.pseudo_mask import to_pseudo_mask  # noqa: E402
-from pipeline.stage import StageTimer, start_distributed_stage  # noqa: E402
-from pipeline.store import PseudoMaskWriter, open_responses  # noqa: E402
+from pipeline import paths
+from pipeline.atomic import atomic_dir, write_json
+from pipeline.data.index import load_index
+from pipeline.data.samples import ImageBank, split_sentences
+from pipeline.evaluation import GroundTruth
+from pipeline.metrics import iou
+from pipeline.models.clip_artifact import load_clip
+from pipeline.models.clip_backbone import FrozenClip
+from pipeline.pseudo_labels import load_split_responses, make_pseudo_masks, select_responses
+from pipeline.refine.pseudo_mask import to_pseudo_mask
+from pipeline.stage import StageTimer, start_distributed_stage
+from pipeline.store import PseudoMaskWriter, open_responses
 
 
 def object_ious(masks: dict, objects, gt: GroundTruth) -> np.ndarray:

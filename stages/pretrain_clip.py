@@ -7,23 +7,20 @@ Either way, report on val how often the frozen CLIP ranks the referred object's 
 (a diagnostic; training never reads masks).
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from pipeline import paths  # noqa: E402
-from pipeline.atomic import atomic_dir, write_json  # noqa: E402
-from pipeline.data.index import load_index  # noqa: E402
-from pipeline.data.samples import ImageBank, split_sentences  # noqa: E402
-from pipeline.diagnostics import masked_object_ranking  # noqa: E402
-from pipeline.models.clip_artifact import WEIGHTS_FILE, clip_spec, load_clip, write_clip_spec  # noqa: E402
-from pipeline.models.clip_backbone import FrozenClip, build_clip  # noqa: E402
-from pipeline.stage import StageTimer, start_stage  # noqa: E402
-from pipeline.train.clip_pretrain import PretrainConfig, pretrain_clip  # noqa: E402
-from pipeline.train.live import open_live  # noqa: E402
+from pipeline import paths
+from pipeline.atomic import atomic_dir, write_json
+from pipeline.data.index import load_index
+from pipeline.data.samples import ImageBank, split_sentences
+from pipeline.diagnostics import masked_object_ranking
+from pipeline.models.clip_artifact import WEIGHTS_FILE, clip_spec, load_clip, write_clip_spec
+from pipeline.models.clip_backbone import FrozenClip, build_clip
+from pipeline.stage import StageTimer, start_stage
+from pipeline.train.clip_pretrain import PretrainConfig, pretrain_clip
+from pipeline.train.live import open_live
 
 
 def main() -> None:

@@ -3,25 +3,21 @@ file for `dvc metrics show` / `dvc exp show`), ``summary.md``, and a gallery of 
 image, Step-1 map (the PRMS-selected expression), pseudo-mask, Step-2 mask and GT."""
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from pipeline import paths  # noqa: E402
-from pipeline.atomic import atomic_file, write_json  # noqa: E402
-from pipeline.data.images import read_image_rgb  # noqa: E402
-from pipeline.data.index import decode_mask, load_index  # noqa: E402
-from pipeline.evaluation import response_to_prob  # noqa: E402
-from pipeline.metrics import iou, point_from_map  # noqa: E402
-from pipeline.predict import load_segmenter, predict_mask  # noqa: E402
-from pipeline.report import combine_metrics, summary_markdown  # noqa: E402
-from pipeline.stage import start_stage  # noqa: E402
-from pipeline.store import open_pseudo_masks, open_responses  # noqa: E402
-from pipeline.viz import render_case, write_gallery  # noqa: E402
+from pipeline import paths
+from pipeline.atomic import atomic_file, write_json
+from pipeline.data.images import read_image_rgb
+from pipeline.data.index import decode_mask, load_index
+from pipeline.evaluation import response_to_prob
+from pipeline.metrics import iou, point_from_map
+from pipeline.predict import load_segmenter, predict_mask
+from pipeline.report import combine_metrics, summary_markdown
+from pipeline.stage import start_stage
+from pipeline.store import open_pseudo_masks, open_responses
+from pipeline.viz import render_case, write_gallery
 
 GALLERY_SAMPLE = 60
 

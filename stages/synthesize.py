@@ -5,15 +5,12 @@ Writes ``artifacts/synthetic/`` atomically: ``<dataset>/refs(<split_by>).p``, ``
 random-point / centre-point chance rates the evaluation is compared against).
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import paths  # noqa: E402
-from pipeline.atomic import atomic_dir, write_json  # noqa: E402
-from pipeline.data.synthetic import generate_synthetic_refer  # noqa: E402
-from pipeline.stage import StageTimer, start_stage  # noqa: E402
+from pipeline import paths
+from pipeline.atomic import atomic_dir, write_json
+from pipeline.data.synthetic import generate_synthetic_refer
+from pipeline.stage import StageTimer, start_stage
 
 
 def main() -> None:

@@ -10,20 +10,17 @@ The final weights are ``model.pt`` (last epoch: model selection reads no ground 
 
 import shutil
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline import paths  # noqa: E402
-from pipeline.data.index import load_index  # noqa: E402
-from pipeline.data.samples import ImageBank, split_sentences  # noqa: E402
-from pipeline.models.checkpoints import build_localiser, save_localiser  # noqa: E402
-from pipeline.models.clip_artifact import load_clip  # noqa: E402
-from pipeline.models.clip_backbone import FrozenClip  # noqa: E402
-from pipeline.stage import StageTimer, start_distributed_stage  # noqa: E402
-from pipeline.train.common import fingerprint, load_resume_state, training_code  # noqa: E402
-from pipeline.train.live import open_live  # noqa: E402
-from pipeline.train.step1 import Step1TrainConfig, localiser_meta, train_step1  # noqa: E402
+from pipeline import paths
+from pipeline.data.index import load_index
+from pipeline.data.samples import ImageBank, split_sentences
+from pipeline.models.checkpoints import build_localiser, save_localiser
+from pipeline.models.clip_artifact import load_clip
+from pipeline.models.clip_backbone import FrozenClip
+from pipeline.stage import StageTimer, start_distributed_stage
+from pipeline.train.common import fingerprint, load_resume_state, training_code
+from pipeline.train.live import open_live
+from pipeline.train.step1 import Step1TrainConfig, localiser_meta, train_step1
 
 
 def main() -> None:

@@ -5,23 +5,19 @@ Resumable like train_step1 (``artifacts/step2`` is a DVC ``persist`` out holding
 """
 
 import shutil
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline import paths  # noqa: E402
-from pipeline.data.index import load_index  # noqa: E402
-from pipeline.data.samples import ImageBank, split_sentences  # noqa: E402
-from pipeline.models.clip_artifact import load_clip, read_clip_spec  # noqa: E402
-from pipeline.models.clip_backbone import ClipBackbone  # noqa: E402
-from pipeline.models.segmenter import ReferringSegmenter  # noqa: E402
-from pipeline.predict import save_segmenter  # noqa: E402
-from pipeline.stage import StageTimer, start_distributed_stage  # noqa: E402
-from pipeline.store import open_pseudo_masks  # noqa: E402
-from pipeline.train.common import fingerprint, load_resume_state, training_code  # noqa: E402
-from pipeline.train.live import open_live  # noqa: E402
-from pipeline.train.step2 import Step2TrainConfig, train_step2  # noqa: E402
+from pipeline import paths
+from pipeline.data.index import load_index
+from pipeline.data.samples import ImageBank, split_sentences
+from pipeline.models.clip_artifact import load_clip, read_clip_spec
+from pipeline.models.clip_backbone import ClipBackbone
+from pipeline.models.segmenter import ReferringSegmenter
+from pipeline.predict import save_segmenter
+from pipeline.stage import StageTimer, start_distributed_stage
+from pipeline.store import open_pseudo_masks
+from pipeline.train.common import fingerprint, load_resume_state, training_code
+from pipeline.train.live import open_live
+from pipeline.train.step2 import Step2TrainConfig, train_step2
 
 
 def main() -> None:
