@@ -98,16 +98,19 @@ def file_digest(paths: Iterable[str | Path]) -> str:
 
 
 def training_code(stage_script: str | Path) -> list[Path]:
-    """Source files whose edit must restart a training: the stage script and every module of
-    ``pipeline``.
+    """Source files whose edit must restart a training: the stage script, then every ``pipeline`` module
+    it runs (its import closure, :func:`pipeline.codedeps.stage_closure`).
 
     The resume fingerprint hashes these beside the params and inputs. Otherwise a run after an edited
-    loss would "resume" from the old run's checkpoint. The whole package is hashed rather than the
-    stage's dvc.yaml deps: stages also run outside DVC (tests, torchrun), where dvc.yaml and its
-    relative paths need not be at hand. Resume exists for crash recovery, and a crash does not edit code.
+    loss would "resume" from the old run's checkpoint. The closure is computed from the code rather than
+    read from dvc.yaml because stages also run outside DVC (tests, torchrun) where dvc.yaml need not be at
+    hand; it is the same closure ``tests/test_dvc_deps.py`` requires among the stage's dvc.yaml deps, so
+    resume and ``dvc repro`` agree on what code a stage depends on, and an edit to a module the stage
+    does not run neither re-runs it nor discards its resume state.
     """
-    package = Path(__file__).resolve().parents[1]
-    return [Path(stage_script).resolve(), *sorted(package.rglob("*.py"))]
+    from pipeline.codedeps import stage_closure  # imported here: only this function of the module needs it
+
+    return stage_closure(stage_script)
 
 
 def fingerprint(config: dict[str, Any], inputs: Iterable[str | Path]) -> str:
