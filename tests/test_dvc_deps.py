@@ -198,3 +198,22 @@ def test_a_stale_dep_is_named(stages):
         "index: dep pipeline/moved_away.py does not exist (moved or deleted?)",
         "index: dep artifacts/nobody_writes_this is not an output of any stage",
     ]
+
+
+def test_closure_follows_every_kind_of_import(tmp_path):
+    """Function-level, relative and submodule imports, import_module literals and ``-m`` relaunches."""
+    files = {
+        "pipeline/__init__.py": "",
+        "pipeline/a.py": "def f():\n    from .sub import b\n",
+        "pipeline/sub/__init__.py": "",
+        "pipeline/sub/b.py": "import importlib\nimportlib.import_module('pipeline.c')\n",
+        "pipeline/c.py": "ARGV = ['python', '-m', 'pipeline.d']\n",
+        "pipeline/d.py": "import numpy\n",
+        "pipeline/unused.py": "",
+        "stage.py": "from pipeline import a\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    found = {p.relative_to(tmp_path).as_posix() for p in closure(tmp_path / "stage.py", root=tmp_path)}
+    assert found == set(files) - {"pipeline/unused.py"}
