@@ -33,7 +33,7 @@ from pipeline.progress import progress
 from pipeline.refine.affinity import AffinityNet, train_affinity
 from pipeline.refine.crf import confident_labels
 from pipeline.refine.pseudo_mask import refine_map, to_pseudo_mask
-from pipeline.store import ResponseStore
+from pipeline.store import RecordStore
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Selection:
     first_maps: dict[int, np.ndarray]  # ref_id -> first expression's map (the PRMS-off choice)
 
 
-def load_split_responses(store: ResponseStore, split: str) -> dict[int, np.ndarray]:
+def load_split_responses(store: RecordStore, split: str) -> dict[int, np.ndarray]:
     """sent_id -> raw response, read shard by shard."""
     out: dict[int, np.ndarray] = {}
     for batch in store.iter_batches(split, 4096):
