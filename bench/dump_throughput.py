@@ -21,7 +21,7 @@ from pipeline.models.checkpoints import load_localiser
 from pipeline.params import load_params
 from pipeline.responses import iter_responses
 from pipeline.runtime import select_device
-from pipeline.store import ResponseWriter
+from pipeline.store import RESPONSE_SCHEMA, RecordWriter
 
 
 def run(split: str = "val", repeats: int = 2) -> dict:
@@ -46,12 +46,11 @@ def run(split: str = "val", repeats: int = 2) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             _, probe = next(responses(rows.iloc[:1], 1))  # the map shape, probed as the stage does
             attrs = {"input_size": [meta["input_size"]] * 2}
-            with ResponseWriter(Path(tmp) / "r.zarr", probe.shape[1:], params.dump.shard_size, attrs) as w:
+            shard_size = params.dump.shard_size
+            with RecordWriter(Path(tmp) / "r.zarr", RESPONSE_SCHEMA, probe.shape[1:], shard_size, attrs) as w:
                 w.add_split(split, len(rows))
                 for start, maps in responses():
-                    part = rows.iloc[start:start + len(maps)]
-                    w.write(split, start, maps, part["sent_id"], part["ref_id"], part["image_id"],
-                            part["height"], part["width"])
+                    w.write_table(split, start, maps, rows.iloc[start:start + len(maps)])
 
     forward_only()  # warm-up: kernels, allocator, thread pools
     t_forward = best_of(repeats, forward_only)

@@ -19,7 +19,7 @@ from pipeline.data.samples import ImageBank
 from pipeline.maps import clip_normalize, minmax_normalize, upsample
 from pipeline.metrics import aggregate, chance_baselines, score_sentence
 from pipeline.models.clip_backbone import tokenize
-from pipeline.store import ResponseStore
+from pipeline.store import RecordStore
 
 
 def response_to_prob(response: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -56,7 +56,7 @@ def score_maps(items: Iterable[tuple[int, int, np.ndarray]], gt: GroundTruth,
     return aggregate(scores), pd.DataFrame.from_records(records)
 
 
-def evaluate_responses(store: ResponseStore, split: str, gt: GroundTruth,
+def evaluate_responses(store: RecordStore, split: str, gt: GroundTruth,
                        threshold: float) -> tuple[dict, pd.DataFrame]:
     """Metrics of the Step-1 maps of one split, plus the chance PointM baselines beside them."""
 

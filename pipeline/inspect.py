@@ -22,7 +22,7 @@ from pipeline.data.images import read_image_rgb
 from pipeline.data.index import Index, decode_mask, load_index
 from pipeline.evaluation import response_to_prob
 from pipeline.metrics import SentenceScore, point_from_map, score_sentence
-from pipeline.store import ResponseStore, open_responses
+from pipeline.store import RecordStore, open_responses
 from pipeline.viz import render_case
 
 
@@ -34,7 +34,7 @@ def _lookup(table: pd.DataFrame, column: str, key: int) -> pd.Series:
 
 
 def render_sentence(
-    store: ResponseStore,
+    store: RecordStore,
     index: Index,
     split: str,
     sent_id: int,
@@ -68,12 +68,12 @@ def render_sentence(
 
 
 def choose_sent_ids(
-    store: ResponseStore, split: str, sent_ids: Sequence[int] | None, sample: int, seed: int
+    store: RecordStore, split: str, sent_ids: Sequence[int] | None, sample: int, seed: int
 ) -> list[int]:
     """The given ids, or ``sample`` ids drawn without replacement (seeded) from the split, sorted."""
     if sent_ids:
         return [int(s) for s in sent_ids]
-    available = store.sent_ids(split)
+    available = store.keys(split)
     rng = np.random.default_rng(seed)
     picked = rng.choice(available, size=min(sample, len(available)), replace=False)
     return sorted(int(s) for s in picked)

@@ -94,7 +94,3 @@ def calibration_loss(
         loss = loss + neg_term.mean()
     return loss, {"cal_pos": pos_term.mean().detach(), "cal_neg": neg_term.mean().detach()}
 
-
-def total_loss(l_cls: torch.Tensor, l_cal: torch.Tensor, cls_weight: float) -> torch.Tensor:
-    """Step-1 objective of Sec. 4.1: ``lambda * L_cls + L_cal`` (lambda = 5 in the paper)."""
-    return cls_weight * l_cls + l_cal

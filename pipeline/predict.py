@@ -4,9 +4,9 @@
 
 The image goes through the same preprocessing as Step-2 training (``read_image_rgb``: EXIF-upright RGB;
 ``stretch_resize`` to the square input size; CLIP normalisation); the probability map is resized back to
-the original (height, width), so the written mask lines up with the file the user passed. This module
-also owns the Step-2 checkpoint format (``save_segmenter`` / ``load_segmenter``), so training and
-inference cannot disagree about it.
+the original (height, width), so the written mask lines up with the file the user passed. The Step-2
+checkpoint format (``save_segmenter`` / ``load_segmenter``) lives in :mod:`pipeline.models.checkpoints`,
+shared with training, so training and inference cannot disagree about it.
 """
 
 from __future__ import annotations
@@ -14,60 +14,23 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from scipy import ndimage
 
-from pipeline.atomic import atomic_file, save_torch
+from pipeline.atomic import atomic_file
 from pipeline.data.images import UnreadableImageError, read_image_rgb
 from pipeline.data.samples import stretch_resize
 from pipeline.maps import clip_normalize, upsample
-from pipeline.models.clip_backbone import ClipBackbone, build_clip, tokenize
+from pipeline.models.checkpoints import load_segmenter
+from pipeline.models.clip_backbone import tokenize
 from pipeline.models.segmenter import ReferringSegmenter
 
 DEFAULT_CHECKPOINT = "artifacts/step2/model.pt"
-META_KEYS = (
-    "clip_name", "clip_tiny", "max_tokens", "input_size", "fusion_dim", "decoder_dim", "context_length",
-)
 TINT = np.array([255, 40, 40], dtype=np.float32)  # mask colour of the overlay
 CONTOUR = np.array([255, 230, 0], dtype=np.uint8)
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def save_segmenter(path: str | Path, model: ReferringSegmenter, meta: dict[str, Any]) -> None:
-    """Atomically write ``{"model": state_dict, "meta": meta}``; ``meta`` must hold every key of META_KEYS.
-
-    ``meta`` is what ``load_segmenter`` needs to rebuild the architecture without params.yaml, so a
-    checkpoint stays usable on its own (e.g. copied to another machine for the predict CLI).
-    """
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        raise ValueError(f"segmenter meta lacks {missing}")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_torch(path, {"model": state, "meta": dict(meta)})
-
-
-def load_segmenter(checkpoint_path: str | Path) -> tuple[ReferringSegmenter, dict[str, Any]]:
-    """Rebuild the Step-2 network described by a checkpoint's meta and load its weights (CPU, eval mode).
-
-    The CLIP is built without pretrained weights: every CLIP parameter is in the state dict anyway.
-    """
-    ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
-        raise ValueError(f"{checkpoint_path} is not a Step-2 segmenter checkpoint (needs 'model' and 'meta')")
-    meta = ckpt["meta"]
-    missing = [k for k in META_KEYS if k not in meta]
-    if missing:
-        raise ValueError(f"{checkpoint_path}: checkpoint meta lacks {missing}")
-    clip = build_clip(meta["clip_name"], None, tiny=meta["clip_tiny"], context_length=meta["context_length"])
-    model = ReferringSegmenter(
-        ClipBackbone(clip), fusion_dim=meta["fusion_dim"], decoder_dim=meta["decoder_dim"]
-    )
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), meta
 
 
 # ---------------------------------------------------------------------------------------------- inference

@@ -56,33 +56,6 @@ def _masked(image01: torch.Tensor, responses: torch.Tensor, size: int) -> torch.
 
 
 @torch.no_grad()
-def select_positive_response(
-    image01: torch.Tensor,
-    responses: torch.Tensor,
-    text_emb: torch.Tensor,
-    encode_image: Encoder,
-    size: int,
-    similarity: Similarity = cosine_similarity,
-) -> tuple[int, torch.Tensor]:
-    """PRMS for one object (Eq. 10): index of the selected response and the cumulative scores ``(M,)``.
-
-    ``encode_image`` maps ``(M, 3, size, size)`` CLIP-normalised images to ``(M, D)`` embeddings and is
-    called once with all ``M`` masked images. With ``M == 1`` there is nothing to choose (the paper's
-    identity case): index 0 is returned without calling the encoder and the score is NaN (not computed).
-    """
-    m = len(responses)
-    if m == 0:
-        raise ValueError("PRMS needs at least one response map")
-    if len(text_emb) != m:
-        raise ValueError(f"{m} responses but {len(text_emb)} text embeddings")
-    if m == 1:
-        return 0, torch.full((1,), float("nan"))
-    image_emb = encode_image(_masked(image01, responses, size))
-    scores = cumulative_scores(image_emb, text_emb, similarity).float().cpu()
-    return int(scores.argmax()), scores
-
-
-@torch.no_grad()
 def select_batch(
     items: Iterable[PrmsItem],
     encode_image: Encoder,
@@ -90,8 +63,12 @@ def select_batch(
     batch_size: int,
     similarity: Similarity = cosine_similarity,
 ) -> list[tuple[int, torch.Tensor]]:
-    """:func:`select_positive_response` for many objects, with encoder batches of ``batch_size`` images
-    shared across objects (objects with ``M == 1`` never reach the encoder).
+    """PRMS (Eq. 10) for many objects: per item, the index of the selected response and the cumulative
+    scores ``(M,)``, with encoder batches of ``batch_size`` masked images shared across objects.
+
+    ``encode_image`` maps ``(n, 3, size, size)`` CLIP-normalised images to ``(n, D)`` embeddings. With
+    ``M == 1`` there is nothing to choose (the paper's identity case): index 0 is returned, the item
+    never reaches the encoder and its score is NaN (not computed).
 
     ``items`` may be a generator and is read once: only each item's text embeddings are kept, masked
     images are flushed through the encoder as soon as a full batch is queued, so memory holds about one
@@ -164,5 +141,4 @@ __all__ = [
     "cosine_similarity",
     "cumulative_scores",
     "select_batch",
-    "select_positive_response",
 ]

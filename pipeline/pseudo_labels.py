@@ -27,14 +27,13 @@ import torch
 from pipeline.data.samples import ImageBank
 from pipeline.distributed import SINGLE_PROCESS, DistContext
 from pipeline.maps import minmax_normalize, upsample
-from pipeline.models.clip_backbone import FrozenClip
+from pipeline.models.clip_backbone import FrozenClip, encode_texts
 from pipeline.prms import PrmsItem, choose_without_prms, select_batch
 from pipeline.progress import progress
 from pipeline.refine.affinity import AffinityNet, train_affinity
 from pipeline.refine.crf import confident_labels
 from pipeline.refine.pseudo_mask import refine_map, to_pseudo_mask
-from pipeline.store import ResponseStore
-from pipeline.train.step1 import encode_texts
+from pipeline.store import RecordStore
 
 
 @dataclass
@@ -46,7 +45,7 @@ class Selection:
     first_maps: dict[int, np.ndarray]  # ref_id -> first expression's map (the PRMS-off choice)
 
 
-def load_split_responses(store: ResponseStore, split: str) -> dict[int, np.ndarray]:
+def load_split_responses(store: RecordStore, split: str) -> dict[int, np.ndarray]:
     """sent_id -> raw response, read shard by shard."""
     out: dict[int, np.ndarray] = {}
     for batch in store.iter_batches(split, 4096):

@@ -20,9 +20,13 @@ so a crashed dump never leaves a half-filled store behind. Metadata is consolida
 ``xarray.open_zarr(path, group=split)`` opens a split directly.
 
 Several processes (torchrun ranks) can fill one store: rank 0 creates the temporary store and the
-arrays, each rank writes only the shards :meth:`ShardedRecordWriter.owned_ranges` gives it (shard k goes
+arrays, each rank writes only the shards :meth:`RecordWriter.owned_ranges` gives it (shard k goes
 to rank k mod world size, so no two writers ever touch one shard file), and rank 0 gathers the small
 columns, checks that every row arrived exactly once, and moves the store into place.
+
+The two stores differ only in data: each is a :class:`RecordSchema` (``RESPONSE_SCHEMA``,
+``PSEUDO_MASK_SCHEMA``) that names its data array, key column, dtypes, columns and attributes, and one
+writer (:class:`RecordWriter`) and one reader (:class:`RecordStore`) serve both.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 import numpy as np
@@ -42,9 +46,6 @@ from pipeline.atomic import atomic_dir
 from pipeline.distributed import SINGLE_PROCESS, DistContext
 
 FORMAT_VERSION = 1
-RESPONSES_PER_CHUNK = 64
-RESPONSE_KIND = "responses"
-PSEUDO_MASK_KIND = "pseudo_masks"
 
 RESPONSE_DESCRIPTION = (
     "response[i] is the raw Step-1 text-to-image response map (Eq. 2, temperature-scaled cosine "
@@ -63,7 +64,83 @@ PSEUDO_MASK_DESCRIPTION = (
 
 
 # ----------------------------------------------------------------------------------------------------
-# Generic writer: one large sharded array plus small 1-D columns per split
+# Record schemas: what distinguishes the two stores
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordSchema:
+    """The layout of one kind of record store: everything the writer and the reader need to know.
+
+    ``columns`` maps each small per-record column to its dtype, in the order the arrays are created
+    (the key column among them). ``attrs`` are the default attributes of the root and of every split
+    group (the writer's ``attrs`` may override them); ``required_attrs`` must be given by the writer's
+    caller and are stored as lists of ints (they are sizes); ``size_attr`` records the ``(h, w)``
+    shape of one record. ``data_dtype`` is how the large array is stored, ``read_dtype`` how
+    :meth:`RecordStore.get` returns it.
+    """
+
+    kind: str
+    data_name: str
+    data_dtype: str
+    read_dtype: str
+    record_dim: str
+    key: str
+    columns: Mapping[str, str]
+    size_attr: str
+    attrs: Mapping[str, Any]
+    shard_size: int
+    records_per_chunk: int = 1
+    required_attrs: tuple[str, ...] = ()
+    row_dims: tuple[str, ...] = ("y", "x")
+
+    def __post_init__(self) -> None:
+        if self.key not in self.columns:
+            raise ValueError(f"key column {self.key!r} missing from columns {sorted(self.columns)}")
+        if self.records_per_chunk < 1:
+            raise ValueError(f"records_per_chunk must be >= 1, got {self.records_per_chunk}")
+        # read-only views: a schema is shared module state
+        object.__setattr__(self, "columns", MappingProxyType(dict(self.columns)))
+        object.__setattr__(self, "attrs", MappingProxyType(dict(self.attrs)))
+
+
+RESPONSE_SCHEMA = RecordSchema(
+    kind="responses",
+    data_name="response",
+    data_dtype="float16",
+    read_dtype="float32",
+    record_dim="sentence",
+    key="sent_id",
+    columns={"sent_id": "int64", "ref_id": "int64", "image_id": "int64", "height": "int32", "width": "int32"},
+    size_attr="map_size",
+    attrs={"resize": "stretch", "description": RESPONSE_DESCRIPTION},
+    shard_size=4096,
+    records_per_chunk=64,
+    required_attrs=("input_size",),
+)
+"""``responses.zarr``: raw low-resolution Step-1 responses, one per sentence, keyed by ``sent_id``.
+Writers must give ``input_size`` ([S, S], the stretched model input)."""
+
+PSEUDO_MASK_SCHEMA = RecordSchema(
+    kind="pseudo_masks",
+    data_name="mask",
+    data_dtype="uint8",
+    read_dtype="uint8",
+    record_dim="object",
+    key="ref_id",
+    columns={"ref_id": "int64", "image_id": "int64", "height": "int32", "width": "int32",
+             "sent_id_selected": "int64"},
+    size_attr="mask_size",
+    attrs={"resize": "stretch", "description": PSEUDO_MASK_DESCRIPTION},
+    shard_size=256,
+)
+"""``pseudo_masks.zarr``: one mask per referred object at a fixed ``mask_size``, keyed by ``ref_id``.
+Masks are stored as uint8 (not bit-packed): zstd shrinks a binary mask chunk to a few hundred bytes,
+and uint8 leaves room for an ignore label."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writer: one large sharded array plus small 1-D columns per split
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -79,51 +156,47 @@ class _SplitState:
     pending: dict[int, tuple[np.ndarray, int]] = field(default_factory=dict)
 
 
-class ShardedRecordWriter:
-    """Write fixed-size records (one large array row + scalar columns) into a sharded Zarr store.
+class RecordWriter:
+    """Write the records of ``schema`` (one large array row + scalar columns each) into a sharded Zarr
+    store. Use as a context manager: the store appears at ``target`` only when the block exits cleanly.
 
-    Subclasses fix the record layout and expose a typed ``write``. Use as a context manager: the store
-    appears at ``target`` only when the block exits cleanly.
+    ``row_shape`` is the ``(h, w)`` of one record (stored as the ``schema.size_attr`` attribute);
+    ``shard_size`` defaults to the schema's. ``attrs`` go to the root and to every split group, after
+    the schema's defaults and before the size attribute.
     """
 
     def __init__(
         self,
         target: str | Path,
-        *,
-        kind: str,
-        data_name: str,
-        data_dtype: np.dtype | str,
-        row_shape: tuple[int, ...],
-        row_dims: tuple[str, ...],
-        record_dim: str,
-        key_name: str,
-        column_dtypes: Mapping[str, np.dtype | str],
-        shard_size: int,
-        attrs: Mapping[str, Any],
+        schema: RecordSchema,
+        row_shape: Sequence[int],
+        shard_size: int | None = None,
+        attrs: Mapping[str, Any] | None = None,
         dist: DistContext = SINGLE_PROCESS,
-        records_per_chunk: int = 1,
     ) -> None:
-        if records_per_chunk < 1:
-            raise ValueError(f"records_per_chunk must be >= 1, got {records_per_chunk}")
+        attrs = dict(attrs or {})
+        for name in schema.required_attrs:
+            if name not in attrs:
+                raise ValueError(f"{schema.kind} writer attrs must give {name}")
+        shard_size = schema.shard_size if shard_size is None else int(shard_size)
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-        if key_name not in column_dtypes:
-            raise ValueError(f"key column {key_name!r} missing from columns {sorted(column_dtypes)}")
-        if len(row_dims) != len(row_shape):
-            raise ValueError(f"row_dims {row_dims} do not match row_shape {row_shape}")
+        row_shape = tuple(int(s) for s in row_shape)
+        if len(schema.row_dims) != len(row_shape):
+            raise ValueError(f"row_dims {schema.row_dims} do not match row_shape {row_shape}")
         self.target = Path(target)
-        self.kind = kind
-        self.data_name = data_name
-        self.data_dtype = np.dtype(data_dtype)
-        self.row_shape = tuple(int(s) for s in row_shape)
-        self.row_dims = tuple(row_dims)
-        self.record_dim = record_dim
-        self.key_name = key_name
-        self.column_dtypes = {k: np.dtype(v) for k, v in column_dtypes.items()}
-        self.shard_size = int(shard_size)
-        self.attrs = dict(attrs)
+        self.schema = schema
+        self.data_dtype = np.dtype(schema.data_dtype)
+        self.row_shape = row_shape
+        self.column_dtypes = {k: np.dtype(v) for k, v in schema.columns.items()}
+        self.shard_size = shard_size
+        self.attrs = {
+            **schema.attrs,
+            **attrs,
+            **{name: [int(s) for s in attrs[name]] for name in schema.required_attrs},
+            schema.size_attr: list(row_shape),
+        }
         self.dist = dist
-        self.records_per_chunk = int(records_per_chunk)
         self._splits: dict[str, _SplitState] = {}
         self._stack: contextlib.ExitStack | None = None
         self._root: zarr.Group | None = None
@@ -131,11 +204,13 @@ class ShardedRecordWriter:
 
     # -- context management ------------------------------------------------------------------------
 
-    def __enter__(self) -> ShardedRecordWriter:
+    def __enter__(self) -> RecordWriter:
         self._stack = contextlib.ExitStack()
         if self.dist.is_main:
             self._tmp = self._stack.enter_context(atomic_dir(self.target))
-            root_attrs = {"kind": self.kind, "format_version": FORMAT_VERSION, "splits": [], **self.attrs}
+            root_attrs = {
+                "kind": self.schema.kind, "format_version": FORMAT_VERSION, "splits": [], **self.attrs
+            }
             self._root = zarr.open_group(self._tmp, mode="w", attributes=root_attrs)
         self._tmp = Path(self.dist.broadcast_object(str(self._tmp)))
         if not self.dist.is_main:
@@ -166,22 +241,22 @@ class ShardedRecordWriter:
             raise ValueError(f"split {split!r} was already added to {self.target}")
         if n < 0:
             raise ValueError(f"split {split!r}: n must be >= 0, got {n}")
-        chunk_rows = max(1, min(self.records_per_chunk, self.shard_size, n))
+        chunk_rows = max(1, min(self.schema.records_per_chunk, self.shard_size, n))
         shard_rows = -(-max(1, min(self.shard_size, n)) // chunk_rows) * chunk_rows  # whole chunks
         if self.dist.is_main:
             group = root.create_group(split, attributes=dict(self.attrs))
             data = group.create_array(
-                self.data_name,
+                self.schema.data_name,
                 shape=(n, *self.row_shape),
                 dtype=self.data_dtype,
                 chunks=(chunk_rows, *self.row_shape),
                 shards=(shard_rows, *self.row_shape),
-                dimension_names=(self.record_dim, *self.row_dims),
+                dimension_names=(self.schema.record_dim, *self.schema.row_dims),
             )
             root.attrs["splits"] = [*root.attrs["splits"], split]
         self.dist.barrier()
         if not self.dist.is_main:
-            data = zarr.open_array(self._tmp / split / self.data_name, mode="r+")
+            data = zarr.open_array(self._tmp / split / self.schema.data_name, mode="r+")
         columns = {name: np.zeros(n, dtype=dt) for name, dt in self.column_dtypes.items()}
         self._splits[split] = _SplitState(n, data, shard_rows, columns, np.zeros(n, dtype=bool))
 
@@ -191,15 +266,23 @@ class ShardedRecordWriter:
         shards = range(self.dist.rank, -(-state.n // state.shard_rows), self.dist.world_size)
         return [(k * state.shard_rows, min((k + 1) * state.shard_rows, state.n)) for k in shards]
 
-    def _write_rows(self, split: str, start: int, rows: np.ndarray, columns: Mapping[str, Any]) -> None:
-        """Store ``rows`` (already cast to the data dtype) and their column values at ``start``."""
+    def write(self, split: str, start: int, rows: Any, /, **columns: Any) -> None:
+        """Write a batch of ``b`` records at rows ``start:start+b`` of ``split``.
+
+        ``rows`` is a ``(b, *row_shape)`` array or tensor (any device); it is cast to the schema's data
+        dtype, refusing what the cast would corrupt (non-finite floats, out-of-range or non-integer
+        values for an integer dtype). ``columns`` gives every schema column by name, ``(b,)`` each.
+        """
+        rows = _cast_rows(rows, self.data_dtype, f"{self.schema.data_name} rows of split {split!r}")
         self._require_open()
         state = self._splits.get(split)
         if state is None:
             raise KeyError(f"split {split!r} not added (call add_split first); have {list(self._splits)}")
         b = rows.shape[0]
         if rows.shape[1:] != self.row_shape:
-            raise ValueError(f"{self.data_name} rows have shape {rows.shape[1:]}, expected {self.row_shape}")
+            raise ValueError(
+                f"{self.schema.data_name} rows have shape {rows.shape[1:]}, expected {self.row_shape}"
+            )
         if start < 0 or start + b > state.n:
             raise ValueError(f"split {split!r}: rows [{start}, {start + b}) outside the {state.n} allocated")
         if set(columns) != set(self.column_dtypes):
@@ -214,6 +297,11 @@ class ShardedRecordWriter:
             state.columns[name][start : start + b] = values.astype(self.column_dtypes[name])
         state.written[start : start + b] = True
         self._buffer(state, start, rows)
+
+    def write_table(self, split: str, start: int, rows: Any, table: Mapping[str, Any]) -> None:
+        """:meth:`write` with the schema's columns taken by name from ``table`` (a DataFrame slice or a
+        mapping; other columns are ignored), since the callers' tables already use the store's names."""
+        self.write(split, start, rows, **{name: table[name] for name in self.schema.columns})
 
     def _buffer(self, state: _SplitState, start: int, rows: np.ndarray) -> None:
         """Copy rows into per-shard buffers; write each shard once, when all of its rows arrived."""
@@ -260,18 +348,18 @@ class ShardedRecordWriter:
                     f"split {split!r}: {missing.size} of {state.n} rows never written "
                     f"(first missing row {int(missing[0])}); the store at {self.target} was not created"
                 )
-            keys = state.columns[self.key_name]
+            keys = state.columns[self.schema.key]
             uniq, counts = np.unique(keys, return_counts=True)
             if (counts > 1).any():
                 dup = int(uniq[np.argmax(counts > 1)])
-                raise ValueError(f"split {split!r}: {self.key_name} {dup} appears {counts.max()} times")
+                raise ValueError(f"split {split!r}: {self.schema.key} {dup} appears {counts.max()} times")
             group = root[split]
             for name, values in state.columns.items():
                 group.create_array(
                     name,
                     data=values,
                     chunks=(max(1, state.n),),
-                    dimension_names=(self.record_dim,),
+                    dimension_names=(self.schema.record_dim,),
                 )
         with warnings.catch_warnings():
             # Consolidated metadata is not yet in the Zarr v3 spec; zarr-python and xarray read it,
@@ -303,183 +391,43 @@ def _as_finite(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     return out
 
 
-class ResponseWriter(ShardedRecordWriter):
-    """Writer of ``responses.zarr``: raw low-resolution Step-1 responses, one per sentence.
-
-    ``attrs`` must give ``input_size`` ([S, S], the stretched model input); ``resize``, ``map_size``
-    and ``description`` are filled in (``attrs`` may override ``resize`` and ``description``).
-    """
-
-    def __init__(
-        self,
-        target_path: str | Path,
-        map_size: tuple[int, int],
-        shard_size: int = 4096,
-        attrs: Mapping[str, Any] | None = None,
-        dist: DistContext = SINGLE_PROCESS,
-    ) -> None:
-        attrs = dict(attrs or {})
-        if "input_size" not in attrs:
-            raise ValueError("ResponseWriter attrs must give input_size ([S, S] of the stretched input)")
-        full = {
-            "resize": "stretch",
-            "description": RESPONSE_DESCRIPTION,
-            **attrs,
-            "input_size": [int(s) for s in attrs["input_size"]],
-            "map_size": [int(map_size[0]), int(map_size[1])],
-        }
-        super().__init__(
-            target_path,
-            kind=RESPONSE_KIND,
-            data_name="response",
-            data_dtype="float16",
-            row_shape=(int(map_size[0]), int(map_size[1])),
-            row_dims=("y", "x"),
-            record_dim="sentence",
-            key_name="sent_id",
-            column_dtypes={
-                "sent_id": "int64",
-                "ref_id": "int64",
-                "image_id": "int64",
-                "height": "int32",
-                "width": "int32",
-            },
-            shard_size=shard_size,
-            attrs=full,
-            dist=dist,
-            records_per_chunk=RESPONSES_PER_CHUNK,
+def _cast_rows(values: Any, dtype: np.dtype, what: str) -> np.ndarray:
+    """``values`` as ``dtype``: floats must stay finite; integer stores take only bool or integer
+    input within the dtype's range (a float mask or a 256 would otherwise wrap silently)."""
+    if np.issubdtype(dtype, np.floating):
+        return _as_finite(values, dtype, what)
+    values = _to_numpy(values)
+    if values.dtype != bool and not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"{what} must be bool or integer, got {values.dtype}")
+    info = np.iinfo(dtype)
+    if values.size and (values.min() < info.min or values.max() > info.max):
+        raise ValueError(
+            f"{what}: values must lie in {info.min}..{info.max}, got [{values.min()}, {values.max()}]"
         )
-
-    def __enter__(self) -> ResponseWriter:
-        super().__enter__()
-        return self
-
-    def write(
-        self,
-        split: str,
-        start: int,
-        responses: np.ndarray,
-        sent_ids: Sequence[int] | np.ndarray,
-        ref_ids: Sequence[int] | np.ndarray,
-        image_ids: Sequence[int] | np.ndarray,
-        heights: Sequence[int] | np.ndarray,
-        widths: Sequence[int] | np.ndarray,
-    ) -> None:
-        """Write ``(b, h, w)`` responses (float array or tensor, any device) at rows ``start:start+b``."""
-        rows = _as_finite(responses, np.dtype("float16"), f"responses of split {split!r}")
-        self._write_rows(
-            split,
-            start,
-            rows,
-            {
-                "sent_id": sent_ids,
-                "ref_id": ref_ids,
-                "image_id": image_ids,
-                "height": heights,
-                "width": widths,
-            },
-        )
-
-
-class PseudoMaskWriter(ShardedRecordWriter):
-    """Writer of ``pseudo_masks.zarr``: one uint8 mask per referred object at a fixed ``mask_size``.
-
-    Masks are stored as uint8 (not bit-packed): zstd shrinks a binary mask chunk to a few hundred bytes,
-    and uint8 leaves room for an ignore label.
-    """
-
-    def __init__(
-        self,
-        target_path: str | Path,
-        mask_size: tuple[int, int],
-        shard_size: int = 256,
-        attrs: Mapping[str, Any] | None = None,
-        dist: DistContext = SINGLE_PROCESS,
-    ) -> None:
-        full = {
-            "resize": "stretch",
-            "description": PSEUDO_MASK_DESCRIPTION,
-            **dict(attrs or {}),
-            "mask_size": [int(mask_size[0]), int(mask_size[1])],
-        }
-        super().__init__(
-            target_path,
-            kind=PSEUDO_MASK_KIND,
-            data_name="mask",
-            data_dtype="uint8",
-            row_shape=(int(mask_size[0]), int(mask_size[1])),
-            row_dims=("y", "x"),
-            record_dim="object",
-            key_name="ref_id",
-            column_dtypes={
-                "ref_id": "int64",
-                "image_id": "int64",
-                "height": "int32",
-                "width": "int32",
-                "sent_id_selected": "int64",
-            },
-            shard_size=shard_size,
-            attrs=full,
-            dist=dist,
-        )
-
-    def __enter__(self) -> PseudoMaskWriter:
-        super().__enter__()
-        return self
-
-    def write(
-        self,
-        split: str,
-        start: int,
-        masks: np.ndarray,
-        ref_ids: Sequence[int] | np.ndarray,
-        image_ids: Sequence[int] | np.ndarray,
-        heights: Sequence[int] | np.ndarray,
-        widths: Sequence[int] | np.ndarray,
-        sent_ids_selected: Sequence[int] | np.ndarray,
-    ) -> None:
-        """Write a batch of ``(b, H, W)`` bool or integer (0..255) masks at rows ``start:start+b``."""
-        masks = _to_numpy(masks)
-        if masks.dtype != bool and not np.issubdtype(masks.dtype, np.integer):
-            raise ValueError(f"masks must be bool or integer, got {masks.dtype}")
-        if masks.size and (masks.min() < 0 or masks.max() > 255):
-            raise ValueError(f"mask values must lie in 0..255, got [{masks.min()}, {masks.max()}]")
-        self._write_rows(
-            split,
-            start,
-            masks.astype(np.uint8),
-            {
-                "ref_id": ref_ids,
-                "image_id": image_ids,
-                "height": heights,
-                "width": widths,
-                "sent_id_selected": sent_ids_selected,
-            },
-        )
+    return values.astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Generic reader
+# Reader
 # ----------------------------------------------------------------------------------------------------
 
 
 class RecordStore:
-    """Read-only view of a store written by :class:`ShardedRecordWriter`, with lookup by key column."""
+    """Read-only view of a store written by :class:`RecordWriter` for ``schema``, with lookup by the
+    schema's key column."""
 
-    def __init__(self, path: str | Path, *, kind: str, data_name: str, key_name: str, out_dtype: str) -> None:
+    def __init__(self, path: str | Path, schema: RecordSchema) -> None:
         self.path = Path(path)
+        self.schema = schema
         if not self.path.exists():
-            raise FileNotFoundError(f"{kind} store not found: {self.path}")
+            raise FileNotFoundError(f"{schema.kind} store not found: {self.path}")
         try:
             self._root = zarr.open_group(self.path, mode="r")
         except Exception as err:  # zarr raises several types for "not a zarr group"
             raise ValueError(f"{self.path} is not a readable Zarr group: {err}") from err
         found = self._root.attrs.get("kind")
-        if found != kind:
-            raise ValueError(f"{self.path} holds {found!r}, not a {kind!r} store")
-        self.data_name = data_name
-        self.key_name = key_name
-        self.out_dtype = np.dtype(out_dtype)
+        if found != schema.kind:
+            raise ValueError(f"{self.path} holds {found!r}, not a {schema.kind!r} store")
         self._columns: dict[str, dict[str, np.ndarray]] = {}
         self._rows: dict[str, dict[int, int]] = {}
 
@@ -487,6 +435,12 @@ class RecordStore:
     def splits(self) -> list[str]:
         """Split names in the order they were written."""
         return list(self._root.attrs["splits"])
+
+    @property
+    def row_shape(self) -> tuple[int, int]:
+        """``(h, w)`` of one record: the response ``map_size`` or the pseudo-mask ``mask_size``."""
+        h, w = self._root.attrs[self.schema.size_attr]
+        return int(h), int(w)
 
     def attrs(self, split: str) -> dict[str, Any]:
         """The split group's attributes (resize, input_size, map_size / mask_size, description)."""
@@ -497,28 +451,43 @@ class RecordStore:
 
     def keys(self, split: str) -> np.ndarray:
         """The key column (sent_id or ref_id) of ``split``, in row order."""
-        return self._load(split)[self.key_name]
+        return self.column(split, self.schema.key)
+
+    def column(self, split: str, name: str) -> np.ndarray:
+        """The scalar column ``name`` of ``split``, in row order."""
+        columns = self._load(split)
+        if name not in columns:
+            raise KeyError(f"no column {name!r} in split {split!r} of {self.path} (has {sorted(columns)})")
+        return columns[name]
+
+    def sent_ids(self, split: str) -> np.ndarray:
+        """The ``sent_id`` column of ``split`` (the key of a response store)."""
+        return self.column(split, "sent_id")
+
+    def ref_ids(self, split: str) -> np.ndarray:
+        """The ``ref_id`` column of ``split`` (the key of a pseudo-mask store)."""
+        return self.column(split, "ref_id")
 
     def get(self, split: str, key: int) -> np.ndarray:
-        """The record of ``key`` in ``split``, as ``out_dtype``; reads a single chunk."""
+        """The record of ``key`` in ``split``, as the schema's ``read_dtype``; reads a single chunk."""
         row = self._row(split, key)
-        return np.asarray(self._group(split)[self.data_name][row], dtype=self.out_dtype)
+        return np.asarray(self._group(split)[self.schema.data_name][row], dtype=self.schema.read_dtype)
 
     def meta(self, split: str, key: int) -> dict[str, int]:
         """All scalar columns of ``key`` except the key itself, as Python ints."""
         row = self._row(split, key)
-        return {k: int(v[row]) for k, v in self._load(split).items() if k != self.key_name}
+        return {k: int(v[row]) for k, v in self._load(split).items() if k != self.schema.key}
 
     def iter_batches(self, split: str, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Contiguous batches in row order: ``{data_name: (b, h, w), column: (b,) ...}``."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         columns = self._load(split)
-        data = self._group(split)[self.data_name]
+        data = self._group(split)[self.schema.data_name]
         n = data.shape[0]
         for s in range(0, n, batch_size):
             e = min(s + batch_size, n)
-            batch = {self.data_name: np.asarray(data[s:e], dtype=self.out_dtype)}
+            batch = {self.schema.data_name: np.asarray(data[s:e], dtype=self.schema.read_dtype)}
             batch.update({k: v[s:e] for k, v in columns.items()})
             yield batch
 
@@ -531,7 +500,7 @@ class RecordStore:
         if split not in self._columns:
             group = self._group(split)
             self._columns[split] = {
-                name: np.asarray(arr[:]) for name, arr in group.arrays() if name != self.data_name
+                name: np.asarray(arr[:]) for name, arr in group.arrays() if name != self.schema.data_name
             }
         return self._columns[split]
 
@@ -542,46 +511,14 @@ class RecordStore:
         try:
             return self._rows[split][int(key)]
         except KeyError:
-            raise KeyError(f"{self.key_name} {key} not in split {split!r} of {self.path}") from None
+            raise KeyError(f"{self.schema.key} {key} not in split {split!r} of {self.path}") from None
 
 
-class ResponseStore(RecordStore):
-    """Reader of ``responses.zarr``; ``get`` returns the float32 ``(h, w)`` response of a sentence."""
-
-    def __init__(self, path: str | Path) -> None:
-        super().__init__(
-            path, kind=RESPONSE_KIND, data_name="response", key_name="sent_id", out_dtype="float32"
-        )
-
-    def sent_ids(self, split: str) -> np.ndarray:
-        return self.keys(split)
-
-    @property
-    def map_size(self) -> tuple[int, int]:
-        h, w = self._root.attrs["map_size"]
-        return int(h), int(w)
-
-
-class PseudoMaskStore(RecordStore):
-    """Reader of ``pseudo_masks.zarr``; ``get`` returns the uint8 ``(H, W)`` mask of a referred object."""
-
-    def __init__(self, path: str | Path) -> None:
-        super().__init__(path, kind=PSEUDO_MASK_KIND, data_name="mask", key_name="ref_id", out_dtype="uint8")
-
-    def ref_ids(self, split: str) -> np.ndarray:
-        return self.keys(split)
-
-    @property
-    def mask_size(self) -> tuple[int, int]:
-        h, w = self._root.attrs["mask_size"]
-        return int(h), int(w)
-
-
-def open_responses(path: str | Path) -> ResponseStore:
+def open_responses(path: str | Path) -> RecordStore:
     """Open a response store for reading (FileNotFoundError naming ``path`` if it is missing)."""
-    return ResponseStore(path)
+    return RecordStore(path, RESPONSE_SCHEMA)
 
 
-def open_pseudo_masks(path: str | Path) -> PseudoMaskStore:
+def open_pseudo_masks(path: str | Path) -> RecordStore:
     """Open a pseudo-mask store for reading (FileNotFoundError naming ``path`` if it is missing)."""
-    return PseudoMaskStore(path)
+    return RecordStore(path, PSEUDO_MASK_SCHEMA)

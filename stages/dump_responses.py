@@ -14,7 +14,7 @@ from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.models.checkpoints import load_localiser
 from pipeline.responses import iter_responses
 from pipeline.stage import StageTimer, start_distributed_stage
-from pipeline.store import ResponseWriter
+from pipeline.store import RESPONSE_SCHEMA, RecordWriter
 
 
 def main() -> None:
@@ -27,7 +27,8 @@ def main() -> None:
     first = split_sentences(index.images, index.sentences, splits[0]).iloc[:1]
     _, probe = next(iter_responses(model, bank, first, 1, meta["max_tokens"], device, show_progress=False))
     attrs = {"input_size": [size, size], "model": "artifacts/step1/model.pt"}
-    writer = ResponseWriter(paths.RESPONSES, probe.shape[1:], params.dump.shard_size, attrs, dist=dist)
+    writer = RecordWriter(paths.RESPONSES, RESPONSE_SCHEMA, probe.shape[1:], params.dump.shard_size, attrs,
+                          dist=dist)
     with StageTimer("dump_responses"), writer:
         for split in splits:
             rows = split_sentences(index.images, index.sentences, split)
@@ -35,9 +36,7 @@ def main() -> None:
             for start, maps in iter_responses(model, bank, rows, params.dump.batch_size, meta["max_tokens"],
                                               device, desc=f"dump {split}", ranges=writer.owned_ranges(split),
                                               show_progress=dist.is_main):
-                part = rows.iloc[start:start + len(maps)]
-                writer.write(split, start, maps, part["sent_id"], part["ref_id"], part["image_id"],
-                             part["height"], part["width"])
+                writer.write_table(split, start, maps, rows.iloc[start:start + len(maps)])
             if dist.is_main:
                 print(f"[dump_responses] {split}: {len(rows)} sentences")
     dist.close()

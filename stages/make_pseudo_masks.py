@@ -23,7 +23,7 @@ from pipeline.models.clip_backbone import FrozenClip
 from pipeline.pseudo_labels import load_split_responses, make_pseudo_masks, select_responses
 from pipeline.refine.pseudo_mask import to_pseudo_mask
 from pipeline.stage import StageTimer, start_distributed_stage
-from pipeline.store import PseudoMaskWriter, open_responses
+from pipeline.store import PSEUDO_MASK_SCHEMA, RecordWriter, open_responses
 
 
 def object_ious(masks: dict, objects, gt: GroundTruth) -> np.ndarray:
@@ -52,7 +52,8 @@ def main() -> None:
     responses = load_split_responses(open_responses(paths.RESPONSES), "train")
     frozen = FrozenClip(load_clip(paths.CLIP)).to(device) if p.prms else None
     attrs = {"input_size": [size, size], "refine": p.refine, "prms": p.prms, "threshold": p.threshold}
-    writer = PseudoMaskWriter(paths.PSEUDO_MASKS, (size, size), p.shard_size, attrs, dist=dist)
+    writer = RecordWriter(paths.PSEUDO_MASKS, PSEUDO_MASK_SCHEMA, (size, size), p.shard_size, attrs,
+                          dist=dist)
     with StageTimer("make_pseudo_masks"), writer:
         writer.add_split("train", len(ref_order))
         ranges = writer.owned_ranges("train")  # this rank's objects: whole shards of the store
@@ -74,8 +75,7 @@ def main() -> None:
                            out / "affinity.pt")
         for a, b in ranges:
             part = objects.iloc[np.searchsorted(rows, a):np.searchsorted(rows, a) + (b - a)]
-            writer.write("train", a, np.stack([masks[int(r)] for r in part["ref_id"]]), part["ref_id"],
-                         part["image_id"], part["height"], part["width"], part["sent_id_selected"])
+            writer.write_table("train", a, np.stack([masks[int(r)] for r in part["ref_id"]]), part)
 
     # diagnostic report: per-object IoUs from every rank, in store order
     gt = GroundTruth(index.refs)

@@ -13,7 +13,8 @@ from pipeline.data.images import read_image_rgb
 from pipeline.data.index import decode_mask, load_index
 from pipeline.evaluation import response_to_prob
 from pipeline.metrics import iou, point_from_map
-from pipeline.predict import load_segmenter, predict_mask
+from pipeline.models.checkpoints import load_segmenter
+from pipeline.predict import predict_mask
 from pipeline.report import combine_metrics, summary_markdown
 from pipeline.stage import start_stage
 from pipeline.store import open_pseudo_masks, open_responses

@@ -9,10 +9,10 @@ import shutil
 from pipeline import paths
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
+from pipeline.models.checkpoints import save_segmenter
 from pipeline.models.clip_artifact import load_clip, read_clip_spec
 from pipeline.models.clip_backbone import ClipBackbone
 from pipeline.models.segmenter import ReferringSegmenter
-from pipeline.predict import save_segmenter
 from pipeline.stage import StageTimer, start_distributed_stage
 from pipeline.store import open_pseudo_masks
 from pipeline.train.common import fingerprint, load_resume_state, training_code

@@ -6,7 +6,7 @@ import pytest
 
 from bench import random_walk_memory, repro_time, storage
 from bench.common import directory_bytes
-from pipeline.store import PseudoMaskWriter, ResponseWriter
+from pipeline.store import PSEUDO_MASK_SCHEMA, RESPONSE_SCHEMA, RecordWriter
 
 
 def test_stage_wall_times_are_parsed_from_the_repro_log():
@@ -16,14 +16,15 @@ def test_stage_wall_times_are_parsed_from_the_repro_log():
 
 def test_storage_ratios_use_the_bytes_on_disk(in_tmp_cwd):
     ids = np.arange(10)
-    with ResponseWriter("artifacts/responses.zarr", (6, 6), attrs={"input_size": [192, 192]}) as w:
+    attrs = {"input_size": [192, 192]}
+    with RecordWriter("artifacts/responses.zarr", RESPONSE_SCHEMA, (6, 6), attrs=attrs) as w:
         w.add_split("train", 10)
-        w.write("train", 0, np.random.default_rng(0).random((10, 6, 6)), ids, ids // 2, ids, ids * 0 + 100,
-                ids * 0 + 200)
-    with PseudoMaskWriter("artifacts/pseudo_masks.zarr", (32, 32)) as w:
+        w.write("train", 0, np.random.default_rng(0).random((10, 6, 6)), sent_id=ids, ref_id=ids // 2,
+                image_id=ids, height=ids * 0 + 100, width=ids * 0 + 200)
+    with RecordWriter("artifacts/pseudo_masks.zarr", PSEUDO_MASK_SCHEMA, (32, 32)) as w:
         w.add_split("train", 5)
-        w.write("train", 0, np.ones((5, 32, 32), np.uint8), ids[:5], ids[:5], ids[:5] * 0 + 100,
-                ids[:5] * 0 + 200, ids[:5])
+        w.write("train", 0, np.ones((5, 32, 32), np.uint8), ref_id=ids[:5], image_id=ids[:5],
+                height=ids[:5] * 0 + 100, width=ids[:5] * 0 + 200, sent_id_selected=ids[:5])
     r = storage.run()
     npy = 100 * 200 * 4 + storage.NPY_HEADER
     assert r["npy_bytes_per_ref"] == npy

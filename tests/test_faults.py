@@ -21,12 +21,13 @@ KILLED_WRITER = textwrap.dedent("""
     import sys, time
     import numpy as np
     sys.path.insert(0, {root!r})
-    from pipeline.store import ResponseWriter
-    with ResponseWriter({target!r}, (4, 4), shard_size=2, attrs={{"input_size": [8, 8]}}) as w:
+    from pipeline.store import RESPONSE_SCHEMA, RecordWriter
+    with RecordWriter({target!r}, RESPONSE_SCHEMA, (4, 4), shard_size=2, attrs={{"input_size": [8, 8]}}) as w:
         w.add_split("train", 40)
         for start in range(0, 40, 2):
             ids = np.arange(start, start + 2)
-            w.write("train", start, np.full((2, 4, 4), {value}, np.float32), ids, ids, ids, ids + 1, ids + 1)
+            w.write("train", start, np.full((2, 4, 4), {value}, np.float32), sent_id=ids, ref_id=ids,
+                    image_id=ids, height=ids + 1, width=ids + 1)
             print(start, flush=True)
             time.sleep({pause})
 """)

@@ -11,9 +11,10 @@ from PIL import Image
 from torch import nn
 
 from pipeline.maps import clip_normalize
+from pipeline.models.checkpoints import load_segmenter, save_segmenter
 from pipeline.models.clip_backbone import ClipBackbone, build_clip, tokenize
 from pipeline.models.segmenter import ReferringSegmenter
-from pipeline.predict import load_segmenter, main, overlay_mask, predict_mask, save_segmenter
+from pipeline.predict import main, overlay_mask, predict_mask
 
 META = {
     "clip_name": "tiny-rn",

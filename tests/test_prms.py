@@ -14,7 +14,6 @@ from pipeline.prms import (
     choose_without_prms,
     cumulative_scores,
     select_batch,
-    select_positive_response,
 )
 
 SIZE = 32
@@ -75,7 +74,7 @@ def quadrant_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_selects_consensus_map_with_one_encoder_pass_per_image():
     image01, responses, text = quadrant_case()
     enc = QuadrantEncoder()
-    index, scores = select_positive_response(image01, responses, text, enc, SIZE)
+    [(index, scores)] = select_batch([PrmsItem(image01, responses, text)], enc, SIZE, batch_size=8)
     assert enc.batches == [3]  # M images in one call, not M^2
     assert index == 1
     # hand-computed CS_t with image embeddings e1, e2, e0: 1/sqrt(5), 5/sqrt(5), 3/sqrt(5)
@@ -93,7 +92,7 @@ def test_single_text_would_pick_differently():
 
 def test_single_expression_is_identity_without_encoder():
     image01, responses, text = quadrant_case()
-    index, scores = select_positive_response(image01, responses[:1], text[:1], FailingEncoder(), SIZE)
+    [(index, scores)] = select_batch([PrmsItem(image01, responses[:1], text[:1])], FailingEncoder(), SIZE, 4)
     assert index == 0
     assert scores.shape == (1,) and torch.isnan(scores).all()
 
@@ -104,11 +103,12 @@ def test_custom_similarity_is_used():
     def negative_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return -(a @ b.T)
 
-    index, _ = select_positive_response(image01, responses, text, QuadrantEncoder(), SIZE, negative_cosine)
+    item = PrmsItem(image01, responses, text)
+    [(index, _)] = select_batch([item], QuadrantEncoder(), SIZE, batch_size=4, similarity=negative_cosine)
     assert index == 0  # the lowest cosine sum (quadrant 1) now wins
 
 
-def test_select_batch_shares_encoder_batches_and_matches_single_calls():
+def test_select_batch_shares_encoder_batches_and_matches_one_object_at_a_time():
     image01, responses, text = quadrant_case()
     items = [
         PrmsItem(image01, responses, text),
@@ -124,9 +124,7 @@ def test_select_batch_shares_encoder_batches_and_matches_single_calls():
     assert torch.isnan(results[1][1]).all()
     for item, (index, scores) in zip(items, results, strict=True):
         if len(item.responses) > 1:
-            ref_index, ref_scores = select_positive_response(
-                item.image01, item.responses, item.text_emb, QuadrantEncoder(), SIZE
-            )
+            [(ref_index, ref_scores)] = select_batch([item], QuadrantEncoder(), SIZE, len(item.responses))
             assert index == ref_index
             torch.testing.assert_close(scores, ref_scores)
 

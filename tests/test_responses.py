@@ -10,7 +10,7 @@ from pipeline.maps import clip_normalize
 from pipeline.models.clip_backbone import ClipBackbone, build_clip, tokenize
 from pipeline.models.step1 import TRISLocaliser
 from pipeline.responses import iter_responses
-from pipeline.store import ResponseWriter, open_responses
+from pipeline.store import RESPONSE_SCHEMA, RecordWriter, open_responses
 
 TINY = {"embed_dim": 32, "image_size": 64, "vision_layers": [1, 1, 1, 1], "vision_width": 8,
         "text_width": 32, "text_heads": 2, "text_layers": 1}
@@ -32,12 +32,11 @@ def test_stored_map_equals_model_output(tmp_path):
     model = TRISLocaliser(ClipBackbone(build_clip("tiny-rn", None, tiny=TINY, context_length=20)), 32).eval()
     bank = ImageBank(paths, 96)
     store_path = tmp_path / "responses.zarr"
-    with ResponseWriter(store_path, (3, 3), shard_size=4, attrs={"input_size": [96, 96]}) as writer:
+    attrs = {"input_size": [96, 96]}
+    with RecordWriter(store_path, RESPONSE_SCHEMA, (3, 3), shard_size=4, attrs=attrs) as writer:
         writer.add_split("val", len(sentences))
         for start, maps in iter_responses(model, bank, sentences, 2, 20, torch.device("cpu")):
-            part = sentences.iloc[start:start + len(maps)]
-            writer.write("val", start, maps, part["sent_id"], part["ref_id"], part["image_id"],
-                         part["height"], part["width"])
+            writer.write_table("val", start, maps, sentences.iloc[start:start + len(maps)])
     store = open_responses(store_path)
     for row in sentences.itertuples():
         with torch.inference_mode():

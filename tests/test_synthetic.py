@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 from scipy.ndimage import binary_erosion
 
 from pipeline.data.images import read_image_rgb
-from pipeline.data.index import decode_rle
+from pipeline.data.rle import decode_rle
 from pipeline.data.synthetic import (
     COLOURS,
     SHAPES,

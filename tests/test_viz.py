@@ -13,7 +13,7 @@ from pycocotools import mask as mask_utils
 from pipeline import inspect as inspect_cli
 from pipeline.data.index import write_index
 from pipeline.data.tables import table_from_rows
-from pipeline.store import ResponseWriter
+from pipeline.store import RESPONSE_SCHEMA, RecordWriter
 from pipeline.viz import (
     caption,
     draw_contour,
@@ -207,9 +207,10 @@ def tiny_dataset(tmp_path):
     responses[1, 3, 0] = 5.0  # bottom-left cell -> outside m1
     responses[2, 3, 0] = 5.0  # bottom-left cell -> inside m2
     store = tmp_path / "responses.zarr"
-    with ResponseWriter(store, (4, 4), shard_size=8, attrs={"input_size": [64, 64]}) as w:
+    with RecordWriter(store, RESPONSE_SCHEMA, (4, 4), shard_size=8, attrs={"input_size": [64, 64]}) as w:
         w.add_split("val", 3)
-        w.write("val", 0, responses, [11, 12, 13], [5, 5, 6], [1, 1, 2], [30, 30, 24], [40, 40, 18])
+        w.write("val", 0, responses, sent_id=[11, 12, 13], ref_id=[5, 5, 6], image_id=[1, 1, 2],
+                height=[30, 30, 24], width=[40, 40, 18])
     return tmp_path, store, index
 
 

@@ -19,7 +19,6 @@ epoch hours later. Tables (fixed schemas in :mod:`pipeline.data.tables`):
 from __future__ import annotations
 
 import json
-import warnings
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +34,7 @@ from pycocotools import mask as mask_utils
 
 from pipeline.atomic import atomic_dir
 from pipeline.data.images import UnreadableImageError, decoded_size
+from pipeline.data.rle import decode_rle
 from pipeline.data.tables import SCHEMAS, table_from_rows
 
 SKIP_REASONS = (
@@ -78,17 +78,6 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:
         counts = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
         return {"size": [height, width], "counts": counts}
     raise ValueError(f"unsupported segmentation of type {type(segmentation).__name__}")
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    """Boolean ``(H, W)`` mask of one compressed COCO RLE.
-
-    pycocotools' Cython array trips a NumPy 2 ``copy=`` DeprecationWarning on every decode; it is
-    harmless and would otherwise flood every log that decodes thousands of masks.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*copy keyword.*")
-        return mask_utils.decode(rle).astype(bool)
 
 
 def decode_mask(row: Mapping[str, Any]) -> np.ndarray:

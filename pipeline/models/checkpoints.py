@@ -1,15 +1,26 @@
-"""Save and rebuild the Step-1 localiser: weights plus the few settings needed to rebuild it."""
+"""Save and rebuild the trained networks: weights plus the few settings needed to rebuild each.
+
+The Step-1 localiser and the Step-2 segmenter checkpoints live here, below both the training stages
+that write them and the evaluation / inference code that reads them, so neither side imports the other
+(in particular, training does not import the ``predict`` CLI).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pipeline.atomic import save_torch
 from pipeline.models.clip_artifact import load_clip
-from pipeline.models.clip_backbone import ClipBackbone
+from pipeline.models.clip_backbone import ClipBackbone, build_clip
+from pipeline.models.segmenter import ReferringSegmenter
 from pipeline.models.step1 import TRISLocaliser
+
+SEGMENTER_META_KEYS = (
+    "clip_name", "clip_tiny", "max_tokens", "input_size", "fusion_dim", "decoder_dim", "context_length",
+)
 
 
 def save_localiser(path: Path, model: TRISLocaliser, meta: dict) -> None:
@@ -32,3 +43,37 @@ def load_localiser(path: str | Path) -> tuple[TRISLocaliser, dict]:
     model = build_localiser(state["meta"]["clip_dir"], state["meta"])
     model.load_state_dict(state["model"])
     return model.eval(), state["meta"]
+
+
+def save_segmenter(path: str | Path, model: ReferringSegmenter, meta: dict[str, Any]) -> None:
+    """Atomically write ``{"model": state_dict, "meta": meta}``; ``meta`` must hold every key of
+    SEGMENTER_META_KEYS.
+
+    ``meta`` is what ``load_segmenter`` needs to rebuild the architecture without params.yaml, so a
+    checkpoint stays usable on its own (e.g. copied to another machine for the predict CLI).
+    """
+    missing = [k for k in SEGMENTER_META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"segmenter meta lacks {missing}")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_torch(path, {"model": state, "meta": dict(meta)})
+
+
+def load_segmenter(checkpoint_path: str | Path) -> tuple[ReferringSegmenter, dict[str, Any]]:
+    """Rebuild the Step-2 network described by a checkpoint's meta and load its weights (CPU, eval mode).
+
+    The CLIP is built without pretrained weights: every CLIP parameter is in the state dict anyway.
+    """
+    ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
+        raise ValueError(f"{checkpoint_path} is not a Step-2 segmenter checkpoint (needs 'model' and 'meta')")
+    meta = ckpt["meta"]
+    missing = [k for k in SEGMENTER_META_KEYS if k not in meta]
+    if missing:
+        raise ValueError(f"{checkpoint_path}: checkpoint meta lacks {missing}")
+    clip = build_clip(meta["clip_name"], None, tiny=meta["clip_tiny"], context_length=meta["context_length"])
+    model = ReferringSegmenter(
+        ClipBackbone(clip), fusion_dim=meta["fusion_dim"], decoder_dim=meta["decoder_dim"]
+    )
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), meta

@@ -391,3 +391,18 @@ class FrozenClip(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """``E_l`` of Eq. 9; text embeddings are constants for the loss, so no graph is kept."""
         return F.normalize(self.backbone.encode_text(tokens), dim=-1)
+
+
+@torch.no_grad()
+def encode_texts(frozen: FrozenClip, texts: list[str], max_tokens: int, device: torch.device,
+                 batch_size: int = 512) -> torch.Tensor:
+    """L2-normalised frozen-CLIP embeddings of ``texts``, in batches of ``batch_size``.
+
+    It lives next to :class:`FrozenClip` because both Step-1 calibration (computed once, reused every
+    step) and PRMS pseudo-labelling embed the dataset's expressions this way.
+    """
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenize(texts[start:start + batch_size], max_tokens).to(device)
+        out.append(frozen.encode_text(tokens).float())
+    return torch.cat(out) if out else torch.empty(0)

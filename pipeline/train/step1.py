@@ -23,7 +23,7 @@ from pipeline.data.samples import ImageBank, distinct_image_batches, one_sentenc
 from pipeline.distributed import SINGLE_PROCESS, DistContext
 from pipeline.losses import calibration_loss, classification_loss, image_level_scores
 from pipeline.maps import clip_normalize, mask_images
-from pipeline.models.clip_backbone import FrozenClip, tokenize
+from pipeline.models.clip_backbone import FrozenClip, encode_texts, tokenize
 from pipeline.models.step1 import TRISLocaliser
 from pipeline.params import Params
 from pipeline.progress import progress
@@ -76,17 +76,6 @@ def localiser_meta(params: Params, clip_dir: str) -> dict:
     return {"clip_dir": clip_dir, "hidden_dim": params.model.hidden_dim, "prompt": p.prompt,
             "alpha": p.alpha, "beta": p.beta, "input_size": p.input_size,
             "max_tokens": params.model.max_tokens}
-
-
-@torch.no_grad()
-def encode_texts(frozen: FrozenClip, texts: list[str], max_tokens: int, device: torch.device,
-                 batch_size: int = 512) -> torch.Tensor:
-    """L2-normalised frozen-CLIP embeddings of ``texts`` (computed once, reused every step)."""
-    out = []
-    for start in range(0, len(texts), batch_size):
-        tokens = tokenize(texts[start:start + batch_size], max_tokens).to(device)
-        out.append(frozen.encode_text(tokens).float())
-    return torch.cat(out) if out else torch.empty(0)
 
 
 class CalibrationNegatives:
