@@ -54,7 +54,9 @@ def assert_resume_is_exact(train: Callable[[TrainingRun | None], nn.Module], tmp
     with pytest.raises(CrashError):
         train(CrashingRun("test", resume_path=path, fingerprint="f"))
     torch.manual_seed(0)
-    torch.rand(7)  # the resumed process's global RNG is wherever its start-up left it
+    torch.rand(7)  # the resumed process's global RNGs are wherever its start-up left them
+    if torch.cuda.is_initialized():
+        torch.rand(7, device="cuda")
     run = TrainingRun("test", resume_path=path, fingerprint="f")
     assert run.resuming and run.state["epoch"] == 1
     resumed = train(run).state_dict()
@@ -84,12 +86,14 @@ def data(tmp_path_factory) -> tuple[ImageBank, pd.DataFrame]:
 
 
 class ToyTraining(Training):
-    """Draws from the global torch RNG (dropout), a carried numpy and a carried torch generator."""
+    """Draws from the global torch RNG (dropout: the CUDA one on CUDA), a carried numpy and a carried
+    torch generator."""
 
     name = "toy"
 
-    def __init__(self, epochs: int = 2) -> None:
-        self.model = self.net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+    def __init__(self, epochs: int = 2, device: str = "cpu") -> None:
+        self.device = device
+        self.model = self.net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 1)).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda t: 1 / (1 + t))
         self.epochs = epochs
@@ -100,7 +104,7 @@ class ToyTraining(Training):
         return Epoch([self.rng.normal(size=(3, 4)) for _ in range(3)], 3)
 
     def step(self, x: np.ndarray) -> StepOut:
-        x = torch.as_tensor(x, dtype=torch.float32) + torch.rand(4, generator=self.gen)
+        x = (torch.as_tensor(x, dtype=torch.float32) + torch.rand(4, generator=self.gen)).to(self.device)
         loss = self.net(x).square().mean()
         return StepOut(loss, {"loss": loss})
 
@@ -108,8 +112,10 @@ class ToyTraining(Training):
         return {"rng": self.rng, "gen": self.gen}
 
 
-def test_toy_resume_restores_every_random_generator(tmp_path):
-    assert_resume_is_exact(lambda run: fit(ToyTraining(), run), tmp_path)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_toy_resume_restores_every_random_generator(tmp_path, device):
+    assert_resume_is_exact(lambda run: fit(ToyTraining(device=device), run), tmp_path)
 
 
 def test_a_finished_run_deletes_its_resume_file_and_a_foreign_one_is_ignored(tmp_path):
