@@ -16,7 +16,7 @@ from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.models.checkpoints import build_localiser, save_localiser
 from pipeline.models.clip_artifact import load_clip
 from pipeline.models.clip_backbone import FrozenClip
-from pipeline.stage import StageTimer, start_distributed_stage
+from pipeline.stage import start_distributed_stage
 from pipeline.train.loop import TrainingRun
 from pipeline.train.step1 import localiser_meta, train_step1
 
@@ -37,11 +37,9 @@ def main() -> None:
         sys.exit("train_step1: step1.init_projectors=clip needs a ResNet CLIP and model.hidden_dim equal to "
                  "its embedding width; set step1.init_projectors=random or fix model.hidden_dim")
     frozen = FrozenClip(load_clip(paths.CLIP))
-    with StageTimer("train_step1"):
-        train_step1(model, frozen, bank, train, p, device, seed=params.base.seed,
-                    max_tokens=params.model.max_tokens, run=run)
-    run.finish(lambda: save_localiser(paths.STEP1 / "model.pt", model.cpu(), meta))
-    dist.close()
+    run.run_stage(lambda: train_step1(model, frozen, bank, train, p, device, seed=params.base.seed,
+                                      max_tokens=params.model.max_tokens, run=run),
+                  lambda trained: save_localiser(paths.STEP1 / "model.pt", trained, meta))
 
 
 if __name__ == "__main__":

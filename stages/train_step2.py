@@ -11,7 +11,7 @@ from pipeline.models.clip_artifact import load_clip, read_clip_spec
 from pipeline.models.clip_backbone import ClipBackbone
 from pipeline.models.segmenter import ReferringSegmenter
 from pipeline.predict import save_segmenter
-from pipeline.stage import StageTimer, start_distributed_stage
+from pipeline.stage import start_distributed_stage
 from pipeline.store import open_pseudo_masks
 from pipeline.train.loop import TrainingRun
 from pipeline.train.step2 import train_step2
@@ -34,11 +34,9 @@ def main() -> None:
     masks_by_ref = {int(r): store.get("train", int(r)) for r in store.ref_ids("train")}
     bank = ImageBank.from_index(index.images, p.input_size, workers=params.base.num_workers)
     model = ReferringSegmenter(ClipBackbone(load_clip(paths.CLIP)), p.fusion_dim, p.decoder_dim)
-    with StageTimer("train_step2"):
-        train_step2(model, bank, train, masks_by_ref, p, device, seed=params.base.seed,
-                    max_tokens=params.model.max_tokens, run=run)
-    run.finish(lambda: save_segmenter(paths.STEP2 / "model.pt", model.cpu(), meta))
-    dist.close()
+    run.run_stage(lambda: train_step2(model, bank, train, masks_by_ref, p, device, seed=params.base.seed,
+                                      max_tokens=params.model.max_tokens, run=run),
+                  lambda trained: save_segmenter(paths.STEP2 / "model.pt", trained, meta))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from torch import nn
 from pipeline.atomic import save_torch
 from pipeline.distributed import SINGLE_PROCESS, DistContext
 from pipeline.progress import progress
+from pipeline.stage import StageTimer
 from pipeline.train.common import check_finite, fingerprint, reduce_terms, set_train_mode, training_code
 
 Generator = np.random.Generator | torch.Generator
@@ -178,6 +179,14 @@ class TrainingRun:
         print(f"{self.name}: resuming after epoch {state['epoch']} (step {state['step']}) "
               f"from {self.resume_path}")
         return state["epoch"], state["step"]
+
+    def run_stage(self, train: Callable[[], nn.Module], save: Callable[[nn.Module], None]) -> None:
+        """The end of a training stage: ``train()`` timed under the stage's name, its model saved
+        (on the CPU, by rank 0) as the run finishes, then the process group closed."""
+        with StageTimer(self.name):
+            model = train()
+        self.finish(lambda: save(model.cpu()))
+        self.dist.close()
 
     def finish(self, save: Callable[[], None] | None = None) -> None:
         """End logging, ``save`` the final weights (rank 0), then delete ``resume.pt``: a finished run
