@@ -17,7 +17,15 @@ import platform
 
 import torch
 
-from bench import dump_throughput, prms_calls, random_walk_memory, repro_time, step1_throughput, storage
+from bench import (
+    dump_throughput,
+    loop_overhead,
+    prms_calls,
+    random_walk_memory,
+    repro_time,
+    step1_throughput,
+    storage,
+)
 
 
 def machine() -> str:
@@ -76,6 +84,10 @@ def main() -> None:
     if "amp_images_per_s" in t:
         add("Step-1 training, bf16 autocast vs fp32", f"{t['amp_images_per_s']:.1f} images/s = "
             f"**x{t['amp_speedup']:.2f}**")
+    o = loop_overhead.run()
+    add(f"training loop vs bare forward + backward + optimiser step (Step-1, {o['device']})",
+        f"{o['loop_images_per_s']:.1f} / {o['bare_images_per_s']:.1f} images/s = **{o['ratio']:.3f}**",
+        ">= 0.9")
     print(f"\nMachine: {machine()}\n")
     print("| benchmark | measured | goal |\n|---|---|---|")
     for what, figure, goal in rows:

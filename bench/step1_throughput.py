@@ -1,7 +1,7 @@
 """Step-1 training throughput (images/s) on the embedded default's model and data, and on CUDA the
 speed-up of bf16 autocast (``step1.amp``) over fp32.
 
-Times ``--steps`` optimisation steps of the real training loop (:func:`pipeline.train.step1.train_step1`,
+Times ``--steps`` optimisation steps of the real training (:func:`pipeline.train.step1.train_step1`,
 classification + calibration, batch ``step1.batch_size``) after one warm-up step; images are decoded
 before timing (the stage preloads them too).
 
@@ -11,7 +11,6 @@ before timing (the stage preloads them too).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import torch
@@ -25,7 +24,7 @@ from pipeline.models.clip_artifact import load_clip
 from pipeline.models.clip_backbone import FrozenClip
 from pipeline.params import load_params
 from pipeline.runtime import select_device
-from pipeline.train.step1 import Step1TrainConfig, localiser_meta, train_step1
+from pipeline.train.step1 import localiser_meta, train_step1
 
 
 def images_per_second(steps: int, amp: bool) -> tuple[float, str]:
@@ -33,7 +32,8 @@ def images_per_second(steps: int, amp: bool) -> tuple[float, str]:
     device = select_device(params.base.device)
     index = load_index(paths.INDEX)
     train = split_sentences(index.images, index.sentences, "train")
-    cfg = dataclasses.replace(Step1TrainConfig.from_params(params), epochs=1, amp=amp)
+    cfg = params.step1.model_copy(update={"epochs": 1, "amp": amp})
+    shared = {"seed": params.base.seed, "max_tokens": params.model.max_tokens}
     # one sentence per image and exactly `steps` full batches (+ 1 warm-up) of distinct images
     images = train["image_id"].drop_duplicates().to_numpy()[: (steps + 1) * cfg.batch_size]
     subset = train[train["image_id"].isin(images)].drop_duplicates("image_id").reset_index(drop=True)
@@ -42,12 +42,12 @@ def images_per_second(steps: int, amp: bool) -> tuple[float, str]:
     frozen = FrozenClip(load_clip(paths.CLIP))
     warm = subset.iloc[: cfg.batch_size]
     train_step1(build_localiser(paths.CLIP, localiser_meta(params, str(paths.CLIP))), frozen, bank, warm,
-                cfg, device)
+                cfg, device, **shared)
     model = build_localiser(paths.CLIP, localiser_meta(params, str(paths.CLIP)))
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    train_step1(model, frozen, bank, subset.iloc[cfg.batch_size:], cfg, device)
+    train_step1(model, frozen, bank, subset.iloc[cfg.batch_size:], cfg, device, **shared)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (len(subset) - cfg.batch_size) / (time.perf_counter() - t0), str(device)

@@ -28,6 +28,7 @@ from pipeline.data.samples import ImageBank
 from pipeline.distributed import SINGLE_PROCESS, DistContext
 from pipeline.maps import minmax_normalize, upsample
 from pipeline.models.clip_backbone import FrozenClip, encode_texts
+from pipeline.params import AffinityParams
 from pipeline.prms import PrmsItem, choose_without_prms, select_batch
 from pipeline.progress import progress
 from pipeline.refine.affinity import AffinityNet, train_affinity
@@ -105,13 +106,13 @@ def confident_seed_labels(images: Iterable[np.ndarray], fg_maps: Iterable[np.nda
 
 
 def make_pseudo_masks(selection: Selection, bank: ImageBank, *, method: str, conf_fg: float, conf_bg: float,
-                      crf_kwargs: dict, affinity: dict, random_walk: dict, threshold: float, keep: str,
-                      workers: int, seed: int, device: torch.device, walk_seed: str = "confident",
+                      crf_kwargs: dict, affinity: AffinityParams, random_walk: dict, threshold: float,
+                      keep: str, workers: int, seed: int, device: torch.device, walk_seed: str = "confident",
                       global_rows: np.ndarray | None = None, total_objects: int | None = None,
                       dist: DistContext = SINGLE_PROCESS) -> tuple[dict[int, np.ndarray], AffinityNet | None]:
     """ref_id -> bool pseudo-mask at S x S, and the trained affinity net (``irn`` only).
 
-    The affinity net learns from the confident labels of at most ``affinity["max_samples"]`` objects
+    The affinity net learns from the confident labels of at most ``affinity.max_samples`` objects
     (a random subset: boundaries look alike everywhere, and this bounds the CPU time on large sets);
     refinement then runs image by image, all objects of an image sharing one boundary map.
     ``walk_seed="confident"`` starts the random walk from the map restricted to its CRF-confident
@@ -130,10 +131,10 @@ def make_pseudo_masks(selection: Selection, bank: ImageBank, *, method: str, con
         rng = np.random.default_rng(seed)
         if walk_seed == "confident":  # CRF labels for every object; the net learns from a sample
             labelled = np.arange(total)
-            sample = np.sort(rng.permutation(total)[: affinity["max_samples"]])
+            sample = np.sort(rng.permutation(total)[: affinity.max_samples])
         else:  # IRN: CRF labels only for the sampled objects
-            labelled = np.sort(rng.permutation(total)[: affinity["max_samples"]])
-            sample = labelled[np.sort(rng.permutation(len(labelled))[: affinity["max_samples"]])]
+            labelled = np.sort(rng.permutation(total)[: affinity.max_samples])
+            sample = labelled[np.sort(rng.permutation(len(labelled))[: affinity.max_samples])]
         mine = np.flatnonzero(np.isin(rows_here, labelled))  # local positions this rank labels
         rows = objects.iloc[mine]
         images = [bank.get(int(i)).permute(1, 2, 0).numpy() for i in rows["image_id"]]
@@ -149,16 +150,16 @@ def make_pseudo_masks(selection: Selection, bank: ImageBank, *, method: str, con
         image = bank.get(int(image_id)).permute(1, 2, 0).numpy()
         refs = group["ref_id"].astype(int).tolist()
         refined = refine_map(image, np.stack([seeds[r] for r in refs]), method=method,
-                             affinity_net=net, crf_kwargs=crf_kwargs, radius=affinity["radius"],
+                             affinity_net=net, crf_kwargs=crf_kwargs, radius=affinity.radius,
                              beta=random_walk["beta"], exp_times=random_walk["exp_times"],
-                             input_size=affinity["input_size"])
+                             input_size=affinity.input_size)
         for ref, soft in zip(refs, refined, strict=True):
             masks[ref] = to_pseudo_mask(soft, threshold, keep)
     return masks, net
 
 
 def _train_shared_affinity(rows: pd.DataFrame, labels: list[np.ndarray], global_rows: np.ndarray,
-                           sample: np.ndarray, bank: ImageBank, affinity: dict, seed: int,
+                           sample: np.ndarray, bank: ImageBank, affinity: AffinityParams, seed: int,
                            device: torch.device, dist: DistContext) -> AffinityNet:
     """Train the affinity net on the confident labels of the globally ``sample``-d objects, in global
     order: rank 0 gathers them from every rank, trains, and broadcasts the weights."""
@@ -173,9 +174,7 @@ def _train_shared_affinity(rows: pd.DataFrame, labels: list[np.ndarray], global_
     if dist.is_main:
         ordered = [picked[int(g)] for g in sample]
         net = train_affinity([bank.get(i).permute(1, 2, 0).numpy() for i, _ in ordered],
-                             [lab for _, lab in ordered], input_size=affinity["input_size"],
-                             radius=affinity["radius"], epochs=affinity["epochs"], lr=affinity["lr"],
-                             batch_size=affinity["batch_size"], seed=seed, device=device)
+                             [lab for _, lab in ordered], affinity, seed=seed, device=device)
         if not dist.enabled:
             return net
         state = {k: v.cpu() for k, v in net.state_dict().items()}

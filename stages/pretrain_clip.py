@@ -19,13 +19,13 @@ from pipeline.diagnostics import masked_object_ranking
 from pipeline.models.clip_artifact import WEIGHTS_FILE, clip_spec, load_clip, write_clip_spec
 from pipeline.models.clip_backbone import FrozenClip, build_clip
 from pipeline.stage import StageTimer, start_stage
-from pipeline.train.clip_pretrain import PretrainConfig, pretrain_clip
-from pipeline.train.live import open_live
+from pipeline.train.clip_pretrain import pretrain_clip
+from pipeline.train.loop import TrainingRun
 
 
 def main() -> None:
     params, device = start_stage("pretrain_clip")
-    clip_p, cfg = params.model.clip, params.pretrain_clip
+    clip_p = params.model.clip
     index = load_index(paths.INDEX)
     with StageTimer("pretrain_clip"), atomic_dir(paths.CLIP) as out:
         if clip_p.pretrained == "embedded":
@@ -33,13 +33,10 @@ def main() -> None:
             model = build_clip(clip_p.name, None, tiny=tiny, context_length=params.model.max_tokens)
             train = split_sentences(index.images, index.sentences, "train")
             bank = ImageBank.from_index(index.images, clip_p.tiny.image_size, workers=params.base.num_workers)
-            live, log = open_live(out / "live")
-            pretrain_clip(model, bank, train, PretrainConfig(
-                epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                warmup_steps=cfg.warmup_steps, erase_prob=cfg.erase_prob,
-                max_tokens=params.model.max_tokens, seed=params.base.seed), device, log=log)
-            live.end()
-            torch.save(model.state_dict(), out / WEIGHTS_FILE)
+            run = TrainingRun("pretrain_clip", live_dir=out / "live")  # out is fresh: nothing to resume
+            pretrain_clip(model, bank, train, params.pretrain_clip, device, seed=params.base.seed,
+                          max_tokens=params.model.max_tokens, run=run)
+            run.finish(lambda: torch.save(model.state_dict(), out / WEIGHTS_FILE))
             write_clip_spec(out, clip_spec(clip_p.name, WEIGHTS_FILE, tiny, params.model.max_tokens))
         else:
             write_clip_spec(out, clip_spec(clip_p.name, clip_p.pretrained, None, 77))

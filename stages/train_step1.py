@@ -8,7 +8,6 @@ after a code change, trains again instead of "resuming" after the last epoch.
 The final weights are ``model.pt`` (last epoch: model selection reads no ground truth).
 """
 
-import shutil
 import sys
 
 from pipeline import paths
@@ -17,49 +16,30 @@ from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.models.checkpoints import build_localiser, save_localiser
 from pipeline.models.clip_artifact import load_clip
 from pipeline.models.clip_backbone import FrozenClip
-from pipeline.stage import StageTimer, start_distributed_stage
-from pipeline.train.common import fingerprint, load_resume_state, training_code
-from pipeline.train.live import open_live
-from pipeline.train.step1 import Step1TrainConfig, localiser_meta, train_step1
+from pipeline.stage import start_distributed_stage
+from pipeline.train.loop import TrainingRun
+from pipeline.train.step1 import localiser_meta, train_step1
 
 
 def main() -> None:
     params, device, dist = start_distributed_stage("train_step1")
     p = params.step1
-    out = paths.STEP1
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "model.pt").unlink(missing_ok=True)
     meta = localiser_meta(params, str(paths.CLIP))
-    cfg = Step1TrainConfig.from_params(params)
-    run_id = fingerprint({"step1": p.model_dump(), "meta": meta, "seed": params.base.seed},
-                         [paths.INDEX, paths.CLIP, *training_code(__file__)])
-    resume_path = out / "resume.pt"
-    if dist.is_main and not p.resume:
-        resume_path.unlink(missing_ok=True)
-    dist.barrier()
-    resuming = load_resume_state(resume_path, run_id) is not None
-    if dist.is_main and not resuming:
-        shutil.rmtree(out / "live", ignore_errors=True)
-
+    run = TrainingRun.start("train_step1", paths.STEP1,
+                            config={"step1": p.model_dump(), "meta": meta, "seed": params.base.seed},
+                            inputs=[paths.INDEX, paths.CLIP], stage_script=__file__, resume=p.resume,
+                            dist=dist)
     index = load_index(paths.INDEX)
     train = split_sentences(index.images, index.sentences, "train")
     bank = ImageBank.from_index(index.images, p.input_size, workers=params.base.num_workers)
     model = build_localiser(paths.CLIP, meta)
-    if p.init_projectors == "clip" and not resuming and not model.init_projectors_from_clip():
+    if p.init_projectors == "clip" and not run.resuming and not model.init_projectors_from_clip():
         sys.exit("train_step1: step1.init_projectors=clip needs a ResNet CLIP and model.hidden_dim equal to "
                  "its embedding width; set step1.init_projectors=random or fix model.hidden_dim")
     frozen = FrozenClip(load_clip(paths.CLIP))
-    live, log = open_live(out / "live", resume=resuming) if dist.is_main else (None, None)
-    with StageTimer("train_step1"):
-        train_step1(model, frozen, bank, train, cfg, device, resume_path=resume_path,
-                    fingerprint=run_id, log=log, dist=dist)
-    if dist.is_main:
-        live.end()
-        save_localiser(out / "model.pt", model.cpu(), meta)
-        resume_path.unlink(missing_ok=True)  # finished: only an interrupted run resumes
-    dist.barrier()
-    dist.close()
+    run.run_stage(lambda: train_step1(model, frozen, bank, train, p, device, seed=params.base.seed,
+                                      max_tokens=params.model.max_tokens, run=run),
+                  lambda trained: save_localiser(paths.STEP1 / "model.pt", trained, meta))
 
 
 if __name__ == "__main__":

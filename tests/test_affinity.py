@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.params import load_params
 from pipeline.refine.affinity import (
     AffinityNet,
     affinity_loss,
@@ -17,6 +19,8 @@ from pipeline.refine.affinity import (
     predict_boundary,
     train_affinity,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_path_offsets_cover_each_unordered_pair_once():
@@ -104,17 +108,9 @@ def scene(rng: np.random.Generator, side: int = 64) -> tuple[np.ndarray, np.ndar
 def test_train_affinity_learns_object_outlines():
     rng = np.random.default_rng(0)
     data = [scene(rng) for _ in range(96)]
-    net = train_affinity(
-        [d[0] for d in data],
-        [d[1] for d in data],
-        input_size=64,
-        radius=3,
-        epochs=20,
-        lr=1e-2,
-        batch_size=16,
-        seed=0,
-        device="cpu",
-    )
+    p = load_params(ROOT / "params.yaml").pseudo_masks.affinity.model_copy(
+        update={"input_size": 64, "radius": 3, "epochs": 20, "lr": 1e-2, "batch_size": 16})
+    net = train_affinity([d[0] for d in data], [d[1] for d in data], p, seed=0, device="cpu")
     assert not net.training
     image, _, disc = scene(np.random.default_rng(123))
     boundary = predict_boundary(net, image, 64)

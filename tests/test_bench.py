@@ -1,12 +1,14 @@
 """The benchmark scripts measure what they say: stage times parsed from a repro log, and storage ratios
-computed from the stores' real bytes."""
+computed from the stores' real bytes, the loop-overhead ratio from the same batches on both sides."""
 
 import numpy as np
 import pytest
+import torch
 
-from bench import random_walk_memory, repro_time, storage
+from bench import loop_overhead, random_walk_memory, repro_time, storage
 from bench.common import directory_bytes
 from pipeline.store import PSEUDO_MASK_SCHEMA, RESPONSE_SCHEMA, RecordWriter
+from pipeline.train.loop import Epoch, StepOut, Training, TrainingRun
 
 
 def test_stage_wall_times_are_parsed_from_the_repro_log():
@@ -40,3 +42,32 @@ def test_cpu_peak_memory_sees_the_sparse_walk_above_an_earlier_larger_peak():
     sparse = random_walk_memory.run(device="cpu", height=40, width=60, exp_times=2)["sparse"]
     transitions = 40 * 60 * (2 * 5 + 1) ** 2 * 4  # one float32 weight per pixel and neighbour
     assert transitions / 2 < sparse["peak_bytes"] < 20 * transitions
+
+
+class _Counting(Training):
+    name = "count"
+
+    def __init__(self) -> None:
+        self.model = self.net = torch.nn.Linear(2, 1)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda t: 1.0)
+        self.epochs, self.seen = 5, []
+
+    def epoch(self, epoch: int) -> Epoch:
+        raise AssertionError("the benchmark replays its own batches")
+
+    def step(self, item: torch.Tensor) -> StepOut:
+        self.seen.append(item)
+        loss = self.net(item).square().mean()
+        return StepOut(loss, {"loss": loss})
+
+
+def test_loop_and_bare_sides_step_through_the_same_batches_once(tmp_path):
+    items = [torch.full((3, 2), float(i)) for i in range(4)]
+    training = _Counting()
+    loop_overhead.bare(training, items)
+    run = TrainingRun("count", resume_path=tmp_path / "r.pt")
+    loop_overhead.fit(loop_overhead.Replay(training, items), run)
+    assert [id(x) for x in training.seen] == [id(x) for x in items + items]  # one pass each, in order
+    assert training.scheduler.last_epoch == 8 and (tmp_path / "r.pt").is_file()  # the loop checkpoints
+    assert loop_overhead.ratio(45.0, 50.0) == pytest.approx(0.9)

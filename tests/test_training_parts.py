@@ -13,9 +13,7 @@ from pipeline.train.common import (
     NonFiniteLossError,
     check_finite,
     fingerprint,
-    load_resume_state,
     poly_scheduler,
-    save_resume_state,
     training_code,
 )
 from pipeline.train.step1 import CalibrationNegatives, classification_targets, extra_negative_rows
@@ -81,18 +79,6 @@ def test_polynomial_decay_per_iteration():
         opt.step()
         sched.step()
     assert sched.get_last_lr()[0] == pytest.approx(0.5 ** 0.9)
-
-
-def test_resume_state_is_ignored_for_another_configuration(tmp_path):
-    model = torch.nn.Linear(2, 2)
-    opt = torch.optim.AdamW(model.parameters())
-    sched = poly_scheduler(opt, 10, 0.9)
-    path = tmp_path / "resume.pt"
-    save_resume_state(path, fingerprint="abc", epoch=3, step=30, model=model, optimizer=opt, scheduler=sched)
-    assert load_resume_state(path, "abc")["epoch"] == 3
-    assert load_resume_state(path, "other") is None
-    path.write_bytes(b"torn")
-    assert load_resume_state(path, "abc") is None
 
 
 def test_resume_fingerprint_changes_with_the_training_code(tmp_path):

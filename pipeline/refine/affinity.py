@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.maps import clip_normalize
-from pipeline.progress import progress
+from pipeline.params import AffinityParams
+from pipeline.train.loop import Epoch, StepOut, Training, TrainingRun, fit
 
 IGNORE = 255
 STRIDE = 4
@@ -199,60 +200,64 @@ def _to_input(images_u8: torch.Tensor) -> torch.Tensor:
     return clip_normalize(images_u8.permute(0, 3, 1, 2).float() / 255.0)
 
 
-def train_affinity(
-    images: Sequence[np.ndarray],
-    labels: Sequence[np.ndarray],
-    *,
-    input_size: int,
-    radius: int,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    device: str | torch.device = "cpu",
-    weight_decay: float = 1e-4,
-) -> AffinityNet:
-    """Train :class:`AffinityNet` on confident labels; returns the net in eval mode on ``device``.
+WEIGHT_DECAY = 1e-4  # AdamW's, fixed (not a param: IRN's value, never tuned here)
 
-    Images are resized bilinearly to ``input_size`` squared, labels (uint8 {0, 1, 255}, full image size)
-    by nearest neighbour straight to the stride-4 grid. Augmentation is a random horizontal flip (IRN's
-    random rescale/crop is skipped: inputs are already one fixed size). Everything is resized once up
-    front, so an epoch costs only the forward/backward passes.
+
+class AffinityTraining(Training):
+    """The boundary net on confident labels; the only augmentation is a random horizontal flip (IRN's
+    random rescale/crop is skipped: inputs are already one fixed size)."""
+
+    name = "train_affinity"
+    scheduler = None  # a constant learning rate
+
+    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], p: AffinityParams, *,
+                 seed: int, device: torch.device) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} label maps")
+        if len(images) == 0:
+            raise ValueError("train_affinity needs at least one image")
+        self.p, self.device, self.epochs = p, device, p.epochs
+        self.gen = torch.Generator().manual_seed(int(seed))
+        grid = grid_size(p.input_size)
+        # resized once up front, so an epoch costs only the forward/backward passes
+        self.x_all = torch.from_numpy(np.stack([_resize_image(im, p.input_size) for im in images]))
+        self.y_all = torch.from_numpy(np.stack([_resize_label(lb.astype(np.uint8), grid) for lb in labels]))
+        with torch.random.fork_rng(devices=[]):  # seeded weight init without touching the global RNG
+            torch.manual_seed(int(seed))
+            self.model = self.net = AffinityNet().to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=p.lr, weight_decay=WEIGHT_DECAY)
+
+    def epoch(self, epoch: int) -> Epoch:
+        """A fresh permutation of the images, in batches of ``batch_size``."""
+        n, size = len(self.x_all), self.p.batch_size
+        order = torch.randperm(n, generator=self.gen)
+        return Epoch((order[start:start + size] for start in range(0, n, size)), (n + size - 1) // size)
+
+    def step(self, idx: torch.Tensor) -> StepOut:
+        """IRN's affinity loss on the (randomly flipped) images ``idx``."""
+        x, y = self.x_all[idx], self.y_all[idx]
+        flip = torch.rand(len(idx), generator=self.gen) < 0.5
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(2), x)
+        y = torch.where(flip.view(-1, 1, 1), y.flip(2), y)
+        boundary = torch.sigmoid(self.net(_to_input(x.to(self.device))))
+        loss, _ = affinity_loss(boundary, y.to(self.device), self.p.radius)
+        return StepOut(loss, {"loss": loss})
+
+    def generators(self) -> dict[str, torch.Generator]:
+        """Order and flips continue across epochs."""
+        return {"augment": self.gen}
+
+
+def train_affinity(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], p: AffinityParams, *,
+                   seed: int, device: str | torch.device = "cpu",
+                   run: TrainingRun | None = None) -> AffinityNet:
+    """Train :class:`AffinityNet` on confident labels with the settings ``p``
+    (``params.pseudo_masks.affinity``); returns the net in eval mode on ``device``.
+
+    Images are resized bilinearly to ``p.input_size`` squared, labels (uint8 {0, 1, 255}, full image
+    size) by nearest neighbour straight to the stride-4 grid.
     """
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} label maps")
-    if len(images) == 0:
-        raise ValueError("train_affinity needs at least one image")
-    device = torch.device(device)
-    gen = torch.Generator().manual_seed(int(seed))
-    grid = grid_size(input_size)
-    x_all = torch.from_numpy(np.stack([_resize_image(im, input_size) for im in images]))
-    y_all = torch.from_numpy(np.stack([_resize_label(lb.astype(np.uint8), grid) for lb in labels]))
-
-    with torch.random.fork_rng(devices=[]):  # seeded weight init without touching the global RNG
-        torch.manual_seed(int(seed))
-        net = AffinityNet().to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    n = len(x_all)
-    steps_per_epoch = (n + batch_size - 1) // batch_size
-    net.train()
-    with progress(total=epochs * steps_per_epoch, desc="affinity") as bar:
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=gen)
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                x, y = x_all[idx], y_all[idx]
-                flip = torch.rand(len(idx), generator=gen) < 0.5
-                x = torch.where(flip.view(-1, 1, 1, 1), x.flip(2), x)
-                y = torch.where(flip.view(-1, 1, 1), y.flip(2), y)
-                boundary = torch.sigmoid(net(_to_input(x.to(device))))
-                loss, stats = affinity_loss(boundary, y.to(device), radius)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                bar.set_postfix(loss=f"{stats['loss']:.3f}")
-                bar.update()
-    return net.eval()
+    return fit(AffinityTraining(images, labels, p, seed=seed, device=torch.device(device)), run)
 
 
 @torch.no_grad()

@@ -9,31 +9,19 @@ which is what calibration and PRMS show it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pipeline.data.samples import ImageBank
 from pipeline.maps import clip_normalize
 from pipeline.models.clip_backbone import tokenize
-from pipeline.progress import progress
+from pipeline.params import PretrainClipParams
 from pipeline.runtime import channels_last, to_channels_last
-from pipeline.train.common import build_optimizer, check_finite, warmup_cosine_scheduler
-
-
-@dataclass
-class PretrainConfig:
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    warmup_steps: int
-    erase_prob: float
-    max_tokens: int
-    seed: int
+from pipeline.train.common import build_optimizer, warmup_cosine_scheduler
+from pipeline.train.loop import Epoch, StepOut, Training, TrainingRun, fit
 
 
 def random_blackout(images: torch.Tensor, prob: float, generator: torch.Generator) -> torch.Tensor:
@@ -69,48 +57,67 @@ def multi_positive_clip_loss(image_f: torch.Tensor, text_f: torch.Tensor, owner:
     return (t2i + i2t) / 2
 
 
-def pretrain_clip(model: torch.nn.Module, bank: ImageBank, sentences: pd.DataFrame, cfg: PretrainConfig,
-                  device: torch.device, log=None) -> torch.nn.Module:
-    """Train ``model`` (an open_clip CLIP) in place on batches of images with all their expressions;
+class ClipPretraining(Training):
+    """Batches of images with all their expressions; one numpy and one torch generator, seeded once,
+    run through the whole training (both are carried in the resume state)."""
+
+    name = "pretrain_clip"
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+
+    def __init__(self, model: nn.Module, bank: ImageBank, sentences: pd.DataFrame, p: PretrainClipParams,
+                 device: torch.device, *, seed: int, max_tokens: int) -> None:
+        self.model = self.net = to_channels_last(model.to(device))
+        self.bank, self.p, self.device, self.epochs = bank, p, device, p.epochs
+        bank.preload(sentences["image_id"])
+        self.rng = np.random.default_rng(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.tokens_all = tokenize(sentences["text"].tolist(), max_tokens)  # once: BPE is slow per step
+        self.rows_of = {int(k): np.asarray(v) for k, v in sentences.groupby("image_id").indices.items()}
+        self.image_ids = np.array(sorted(self.rows_of))
+        steps_per_epoch = -(-len(self.image_ids) // p.batch_size)
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            (no_decay if param.ndim < 2 or "logit_scale" in name else decay).append(param)
+        self.optimizer = build_optimizer(decay, [], p.lr, 1.0, p.weight_decay)
+        self.optimizer.add_param_group({"params": no_decay, "lr": p.lr, "weight_decay": 0.0})
+        self.scheduler = warmup_cosine_scheduler(self.optimizer, p.epochs * steps_per_epoch, p.warmup_steps)
+
+    def epoch(self, epoch: int) -> Epoch:
+        """A fresh permutation of the images, in batches of ``batch_size``."""
+        order = self.rng.permutation(self.image_ids)
+        size = self.p.batch_size
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
+        return Epoch(batches, len(batches))
+
+    def step(self, batch: np.ndarray) -> StepOut:
+        """The multi-positive contrastive loss of the batch's (blacked-out) images and expressions."""
+        rows = [self.rows_of[int(i)] for i in batch]
+        owner = torch.as_tensor(np.concatenate([np.full(len(r), k) for k, r in enumerate(rows)]))
+        images = random_blackout(self.bank.batch(batch), self.p.erase_prob, self.gen)
+        tokens = self.tokens_all[np.concatenate(rows)]
+        model, device = self.model, self.device
+        image_f = model.encode_image(channels_last(clip_normalize(images).to(device)), normalize=True)
+        text_f = model.encode_text(tokens.to(device), normalize=True)
+        loss = multi_positive_clip_loss(image_f, text_f, owner.to(device), model.logit_scale.exp())
+        return StepOut(loss, {"loss": loss})
+
+    def after_step(self) -> None:
+        """CLIP's cap on the logit scale (a temperature of at least 1/100)."""
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, np.log(100))
+
+    def metrics(self) -> dict[str, float]:
+        """The learned logit scale, logged each epoch."""
+        return {"logit_scale": self.model.logit_scale.exp().item()}
+
+    def generators(self) -> dict[str, np.random.Generator | torch.Generator]:
+        """The image order and the blackout draws continue across epochs."""
+        return {"order": self.rng, "blackout": self.gen}
+
+
+def pretrain_clip(model: nn.Module, bank: ImageBank, sentences: pd.DataFrame, p: PretrainClipParams,
+                  device: torch.device, *, seed: int, max_tokens: int,
+                  run: TrainingRun | None = None) -> nn.Module:
+    """Train ``model`` (an open_clip CLIP) in place with the settings ``p`` (``params.pretrain_clip``);
     returns it in eval mode."""
-    to_channels_last(model.to(device)).train()
-    bank.preload(sentences["image_id"])
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    tokens_all = tokenize(sentences["text"].tolist(), cfg.max_tokens)  # once: BPE is slow per step
-    rows_of = {int(k): np.asarray(v) for k, v in sentences.groupby("image_id").indices.items()}
-    image_ids = np.array(sorted(rows_of))
-    steps_per_epoch = -(-len(image_ids) // cfg.batch_size)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
-    optimizer = build_optimizer(decay, [], cfg.lr, 1.0, cfg.weight_decay)
-    optimizer.add_param_group({"params": no_decay, "lr": cfg.lr, "weight_decay": 0.0})
-    scheduler = warmup_cosine_scheduler(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_steps)
-    step = 0
-    for epoch in range(cfg.epochs):
-        order = rng.permutation(image_ids)
-        batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-        losses = []
-        for batch in progress(batches, desc=f"pretrain_clip {epoch + 1}/{cfg.epochs}"):
-            rows = [rows_of[int(i)] for i in batch]
-            owner = torch.as_tensor(np.concatenate([np.full(len(r), k) for k, r in enumerate(rows)]))
-            images = random_blackout(bank.batch(batch), cfg.erase_prob, gen)
-            tokens = tokens_all[np.concatenate(rows)]
-            image_f = model.encode_image(channels_last(clip_normalize(images).to(device)), normalize=True)
-            text_f = model.encode_text(tokens.to(device), normalize=True)
-            loss = multi_positive_clip_loss(image_f, text_f, owner.to(device), model.logit_scale.exp())
-            check_finite("pretrain_clip", epoch, step, {"clip_loss": loss})
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, np.log(100))
-            step += 1
-            losses.append(loss.item())
-        print(f"pretrain_clip epoch {epoch + 1}/{cfg.epochs}: loss={np.mean(losses):.4f}")
-        if log is not None:
-            log(step=step, epoch=epoch + 1, loss=float(np.mean(losses)), lr=scheduler.get_last_lr()[0],
-                logit_scale=model.logit_scale.exp().item())
-    return model.eval()
+    return fit(ClipPretraining(model, bank, sentences, p, device, seed=seed, max_tokens=max_tokens), run)

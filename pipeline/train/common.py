@@ -1,5 +1,6 @@
-"""What every training loop here shares: optimiser and polynomial decay, resumable checkpoints,
-a NaN guard, and a fingerprint that stops a resume from mixing two different configurations."""
+"""The pieces every training shares: optimisers and learning-rate schedules, the NaN guard, train mode,
+DDP-reduced loss terms, and the fingerprint that stops a resume from mixing two configurations
+(the loop itself is :mod:`pipeline.train.loop`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.atomic import save_torch
 from pipeline.distributed import DistContext
 
 
@@ -117,32 +117,3 @@ def fingerprint(config: dict[str, Any], inputs: Iterable[str | Path]) -> str:
     """Identity of a training run: its parameters plus the content of its inputs (code included)."""
     blob = json.dumps(config, sort_keys=True, default=str) + file_digest(inputs)
     return hashlib.md5(blob.encode()).hexdigest()
-
-
-def save_resume_state(path: Path, *, fingerprint: str, epoch: int, step: int, model: nn.Module,
-                      optimizer: torch.optim.Optimizer, scheduler: Any, extra: dict | None = None) -> None:
-    """Atomically write everything needed to continue after a kill (``epoch`` = epochs completed)."""
-    state = {
-        "fingerprint": fingerprint,
-        "epoch": epoch,
-        "step": step,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
-        "extra": extra or {},
-    }
-    save_torch(path, state)
-
-
-def load_resume_state(path: Path, expected_fingerprint: str) -> dict | None:
-    """The saved state if it belongs to this exact configuration, else ``None`` (start fresh)."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # a torn or foreign file is not worth crashing over: retrain
-        return None
-    if state.get("fingerprint") != expected_fingerprint:
-        return None
-    return state

@@ -1,0 +1,256 @@
+"""The one training loop of the pipeline: CLIP pretraining, Step-1, the affinity net and Step-2 all run
+through :func:`fit`, each supplying only what is specific to it (a :class:`Training`: how an epoch's
+batches are drawn and what one batch's loss terms are).
+
+:class:`TrainingRun` owns what a run needs around the loop: the resume file (loaded once), its
+fingerprint, DVCLive logging and finishing (final save, then ``resume.pt`` deleted so that only an
+interrupted run resumes). :func:`fit` owns the NaN guard, the optimiser and scheduler steps, DDP loss
+weighting and logging, and the per-epoch atomic resume state, which includes every random generator the
+training carries across epochs, so a resumed run is byte-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.atomic import save_torch
+from pipeline.distributed import SINGLE_PROCESS, DistContext
+from pipeline.progress import progress
+from pipeline.stage import StageTimer
+from pipeline.train.common import check_finite, fingerprint, reduce_terms, set_train_mode, training_code
+
+Generator = np.random.Generator | torch.Generator
+
+
+@dataclass
+class Epoch:
+    """One epoch's work: ``inputs`` yields what :meth:`Training.step` takes, ``size`` items of it (the
+    divisor of the logged epoch means and the progress bar's total)."""
+
+    inputs: Iterable[Any]
+    size: int
+
+
+@dataclass
+class StepOut:
+    """One batch's result: ``loss`` is back-propagated (times ``weight``, a DDP rank's share of the global
+    loss), ``terms`` are checked for NaN and logged, each rank's weighted by ``share`` under DDP."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    weight: float = 1.0
+    share: float = 1.0
+
+
+class Training:
+    """What one training supplies to :func:`fit`. Subclasses set the attributes in ``__init__`` and
+    implement :meth:`epoch` and :meth:`step`; the other hooks default to nothing."""
+
+    name: str
+    model: nn.Module  # what is saved and resumed
+    net: nn.Module  # what runs the forward pass (``model``, or its DDP / compiled wrapper)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    epochs: int
+    freeze_batchnorm: bool = False
+
+    def epoch(self, epoch: int) -> Epoch:
+        """Draw epoch ``epoch``'s batches (0-based)."""
+        raise NotImplementedError
+
+    def step(self, item: Any) -> StepOut:
+        """Forward one item of :attr:`Epoch.inputs` and return its loss terms (no backward)."""
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        """Called after each optimiser step (e.g. to clamp a parameter)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Extra scalars logged after each epoch beside the loss means."""
+        return {}
+
+    def generators(self) -> dict[str, Generator]:
+        """Random generators carried across epochs: saved with the resume state and restored from it."""
+        return {}
+
+
+def _generator_state(gen: Generator) -> Any:
+    return gen.get_state() if isinstance(gen, torch.Generator) else gen.bit_generator.state
+
+
+def _restore_generator(gen: Generator, state: Any) -> None:
+    if isinstance(gen, torch.Generator):
+        gen.set_state(state)
+    else:
+        gen.bit_generator.state = state
+
+
+def load_resume_state(path: Path, expected_fingerprint: str) -> dict | None:
+    """The saved state if it belongs to this exact configuration, else ``None`` (start fresh)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # a torn or foreign file is not worth crashing over: retrain
+        return None
+    if state.get("fingerprint") != expected_fingerprint:
+        return None
+    return state
+
+
+class TrainingRun:
+    """One run of a training: where it checkpoints, what it logs to, on which ranks.
+
+    The resume file is read once, here: the stage asks :attr:`resuming` (e.g. to skip an
+    initialisation the checkpoint overwrites) and :func:`fit` continues from :attr:`state`. Without a
+    ``resume_path`` the run neither resumes nor checkpoints (the affinity net, CLIP pretraining: their
+    outputs are not DVC ``persist`` outs).
+    """
+
+    def __init__(self, name: str, *, resume_path: Path | None = None, fingerprint: str = "",
+                 live_dir: Path | None = None, dist: DistContext = SINGLE_PROCESS) -> None:
+        self.name, self.resume_path, self.fingerprint, self.dist = name, resume_path, fingerprint, dist
+        self.state = load_resume_state(resume_path, fingerprint) if resume_path is not None else None
+        self.live, self.log = None, None
+        if live_dir is not None and dist.is_main:
+            from pipeline.train.live import open_live  # dvclive is only needed by logged runs
+
+            if not self.resuming:  # a fresh run's curves start empty
+                shutil.rmtree(live_dir, ignore_errors=True)
+            self.live, self.log = open_live(live_dir, resume=self.resuming)
+
+    @classmethod
+    def start(cls, name: str, out: Path, *, config: dict[str, Any], inputs: Sequence[str | Path],
+              stage_script: str | Path, resume: bool, dist: DistContext = SINGLE_PROCESS) -> TrainingRun:
+        """The run of a resumable training stage writing ``out/model.pt``: ``out/resume.pt`` checkpoints
+        it (ignored unless its fingerprint of ``config``, ``inputs`` and the training code matches, and
+        deleted first when ``resume`` is off), ``out/live`` holds its curves."""
+        run_id = fingerprint(config, [*inputs, *training_code(stage_script)])
+        resume_path = out / "resume.pt"
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "model.pt").unlink(missing_ok=True)  # no stale weights beside an unfinished run
+            if not resume:
+                resume_path.unlink(missing_ok=True)
+        dist.barrier()
+        return cls(name, resume_path=resume_path, fingerprint=run_id, live_dir=out / "live", dist=dist)
+
+    @property
+    def resuming(self) -> bool:
+        """Whether a checkpoint of this exact run was found (training continues after its epoch)."""
+        return self.state is not None
+
+    def checkpoint(self, training: Training, epoch: int, step: int) -> None:
+        """Atomically write what continues the run after a kill (``epoch`` = epochs completed)."""
+        if self.resume_path is None:
+            return
+        state = {
+            "fingerprint": self.fingerprint, "epoch": epoch, "step": step,
+            "model": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
+            "scheduler": training.scheduler.state_dict() if training.scheduler is not None else None,
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            "generators": {k: _generator_state(g) for k, g in training.generators().items()},
+        }
+        save_torch(self.resume_path, state)
+
+    def restore(self, training: Training) -> tuple[int, int]:
+        """Load :attr:`state` into ``training`` and the global RNGs; ``(epochs done, steps done)``."""
+        state = self.state
+        if state is None:
+            return 0, 0
+        training.model.load_state_dict(state["model"])
+        training.optimizer.load_state_dict(state["optimizer"])
+        if training.scheduler is not None:
+            training.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        for key, gen in training.generators().items():
+            _restore_generator(gen, state["generators"][key])
+        print(f"{self.name}: resuming after epoch {state['epoch']} (step {state['step']}) "
+              f"from {self.resume_path}")
+        return state["epoch"], state["step"]
+
+    def run_stage(self, train: Callable[[], nn.Module], save: Callable[[nn.Module], None]) -> None:
+        """The end of a training stage: ``train()`` timed under the stage's name, its model saved
+        (on the CPU, by rank 0) as the run finishes, then the process group closed."""
+        with StageTimer(self.name):
+            model = train()
+        self.finish(lambda: save(model.cpu()))
+        self.dist.close()
+
+    def finish(self, save: Callable[[], None] | None = None) -> None:
+        """End logging, ``save`` the final weights (rank 0), then delete ``resume.pt``: a finished run
+        must not be "resumed" after its last epoch by a forced re-run."""
+        if self.dist.is_main:
+            if self.live is not None:
+                self.live.end()
+            if save is not None:
+                save()
+            if self.resume_path is not None:
+                self.resume_path.unlink(missing_ok=True)
+        self.dist.barrier()
+
+
+@dataclass
+class _EpochSums:
+    """Per-term sums of the reduced loss terms, in step order (the logged means divide them)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def means(self, size: int) -> dict[str, float]:
+        return {k: v / max(1, size) for k, v in self.sums.items()}
+
+
+def fit(training: Training, run: TrainingRun | None = None) -> nn.Module:
+    """Train ``training.model`` in place for ``training.epochs`` epochs; returns it in eval mode.
+
+    Continues after the run's checkpoint when it has one. Every rank runs the same steps (under DDP the
+    gradient average comes from the wrapped ``net``); rank 0 alone prints, logs and checkpoints, and all
+    ranks meet at a barrier after each epoch.
+    """
+    run = run or TrainingRun(training.name)
+    dist = run.dist
+    start_epoch, step = run.restore(training)
+    for epoch in range(start_epoch, training.epochs):
+        set_train_mode(training.net, training.freeze_batchnorm)
+        work = training.epoch(epoch)
+        sums = _EpochSums()
+        bar = progress(work.inputs, total=work.size, desc=f"{training.name} {epoch + 1}/{training.epochs}",
+                       disable=not dist.is_main or None)
+        for item in bar:
+            out = training.step(item)
+            check_finite(training.name, epoch, step, out.terms)
+            training.optimizer.zero_grad(set_to_none=True)
+            (out.loss if out.weight == 1.0 else out.loss * out.weight).backward()
+            training.optimizer.step()
+            if training.scheduler is not None:
+                training.scheduler.step()
+            training.after_step()
+            step += 1
+            reduced = reduce_terms(out.terms, dist, out.share)
+            sums.add(reduced)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in list(reduced.items())[:2]})
+        means = sums.means(work.size)
+        if dist.is_main:
+            print(f"{training.name} epoch {epoch + 1}/{training.epochs}: "
+                  + ", ".join(f"{k}={v:.4f}" for k, v in means.items()))
+            if run.log is not None:
+                lr = training.optimizer.param_groups[-1]["lr"]
+                run.log(epoch=epoch + 1, step=step, lr=lr, **training.metrics(), **means)
+            run.checkpoint(training, epoch + 1, step)
+        dist.barrier()
+    return training.model.eval()
