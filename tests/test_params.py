@@ -5,7 +5,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from pipeline.params import Params, ParamsError, load_params, parse_params
+from pipeline.params import Params, ParamsError, load_params, parse_params, record_reads
 
 RAW = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
 
@@ -139,3 +139,13 @@ def test_floats_accept_yaml_exponents_and_integers():
     with pytest.raises(ParamsError, match=r"step1\.lr"):
         parse_params(with_value(RAW, "step1.lr", "fast"))
 
+
+def test_recorded_reads_name_leaves_and_whole_sections(default_params):
+    view, reads = record_reads(default_params)
+    assert view.step1.lr == default_params.step1.lr
+    crf = view.pseudo_masks.crf
+    assert crf.iterations == default_params.pseudo_masks.crf.iterations
+    assert view.model.clip.tiny.model_dump() == default_params.model.clip.tiny.model_dump()
+    assert reads == {"step1.lr", "pseudo_masks.crf.iterations", "model.clip.tiny"}
+    with pytest.raises(AttributeError):
+        view.step1.lr = 1.0
