@@ -19,6 +19,7 @@ from pipeline.data.samples import ImageBank
 from pipeline.maps import clip_normalize, minmax_normalize, upsample
 from pipeline.metrics import aggregate, chance_baselines, score_sentence
 from pipeline.models.clip_backbone import tokenize
+from pipeline.params import EvaluateParams
 from pipeline.store import RecordStore
 
 
@@ -57,8 +58,9 @@ def score_maps(items: Iterable[tuple[int, int, np.ndarray]], gt: GroundTruth,
 
 
 def evaluate_responses(store: RecordStore, split: str, gt: GroundTruth,
-                       threshold: float) -> tuple[dict, pd.DataFrame]:
-    """Metrics of the Step-1 maps of one split, plus the chance PointM baselines beside them."""
+                       params: EvaluateParams) -> tuple[dict, pd.DataFrame]:
+    """Metrics of the Step-1 maps of one split (binarised at ``params.threshold``), plus the chance
+    PointM baselines beside them."""
 
     def items():
         for batch in store.iter_batches(split, 256):
@@ -66,7 +68,7 @@ def evaluate_responses(store: RecordStore, split: str, gt: GroundTruth,
                 prob = response_to_prob(batch["response"][k], int(batch["height"][k]), int(batch["width"][k]))
                 yield int(batch["sent_id"][k]), int(batch["ref_id"][k]), prob
 
-    metrics, table = score_maps(items(), gt, threshold)
+    metrics, table = score_maps(items(), gt, params.threshold)
     metrics.update(chance_baselines(gt.mask(int(r)) for r in table["ref_id"]))
     return metrics, table
 

@@ -8,55 +8,94 @@ shared ``base`` (seed, device) and the shared ``data`` / ``model`` descriptions.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
+
+# PyYAML follows YAML 1.1, where an exponent without a dot (``1e-3``) is a string; YAML 1.2 (and
+# ``dvc exp run -S``) read it as a number, so such a string is taken as the float it spells.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml12_float(value: object) -> object:
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+# Scalars are strict: YAML's ``seed: true`` is not the integer 1, ``amp: 'no'`` is not False and
+# ``lr: true`` is not 1.0, while an integer given for a float (``beta: 10``) is still a float.
+Int = StrictInt
+Float = Annotated[StrictFloat, BeforeValidator(_yaml12_float)]
+Bool = StrictBool
 
 
 class _Strict(BaseModel):
-    """Base for every section: unknown keys are errors, values are checked on assignment too."""
+    """Base for every section: unknown keys are errors, values are checked on assignment too.
+
+    No field has a default: ``params.yaml`` is the one place a value lives, so a key missing there fails
+    validation by its dotted name instead of silently taking a second, different value from here.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
 class BaseParams(_Strict):
-    seed: int = 0
-    device: str = Field("auto", description="auto (CUDA if present, else CPU) | cpu | cuda | cuda:N")
-    num_workers: int = Field(0, ge=0, description="image-decoding threads of ImageBank (the DataLoader "
+    seed: Int
+    device: str = Field(description="auto (CUDA if present, else CPU) | cpu | cuda | cuda:N")
+    num_workers: Int = Field(ge=0, description="image-decoding threads of ImageBank (the DataLoader "
                              "workers' job); 0 = one per core, at most 8")
-    threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0 = torch's default")
-    nproc: int = Field(1, ge=1, description="processes for train_step1/2 and dump_responses; > 1 launches "
+    threads: Int = Field(ge=0, description="torch intra-op threads on CPU; 0 = torch's default")
+    nproc: Int = Field(ge=1, description="processes for train_step1/2 and dump_responses; > 1 launches "
                        "the stage through torchrun (one per GPU on CUDA, gloo on CPU)")
 
 
 class ReferSource(_Strict):
-    root: str = "data/refer"
-    dataset: Literal["refcoco", "refcoco+", "refcocog", "refclef", "synthetic"] = "refcoco"
-    split_by: Literal["unc", "umd", "google", "berkeley"] = "unc"
-    image_dir: str = "data/refer/images/train2014"
+    root: str
+    dataset: Literal["refcoco", "refcoco+", "refcocog", "refclef", "synthetic"]
+    split_by: Literal["unc", "umd", "google", "berkeley"]
+    image_dir: str
 
 
 class DataParams(_Strict):
-    source: Literal["synthetic", "refer"] = "synthetic"
-    refer: ReferSource = ReferSource()
-    eval_splits: list[str] = ["val", "testA", "testB"]
+    source: Literal["synthetic", "refer"]
+    refer: ReferSource
+    eval_splits: list[str]
+
+
+class FamilyWeights(_Strict):
+    """Mix of expression families; every family is named, so a forgotten one is an error, not weight 0."""
+
+    attribute: Float = Field(ge=0)
+    position: Float = Field(ge=0)
+    relation: Float = Field(ge=0)
 
 
 class SynthesizeParams(_Strict):
-    dataset: str = "synthetic"
-    split_by: str = "unc"
-    num_images: int = Field(900, ge=4)
-    objects_per_image: tuple[int, int] = (3, 5)
-    image_side: tuple[int, int] = (176, 240)
-    expressions_per_object: tuple[int, int] = (1, 3)
-    object_scale: tuple[float, float] = (0.22, 0.40)
-    distractor_rate: float = Field(0.5, ge=0.0, le=1.0)
-    family_weights: dict[Literal["attribute", "position", "relation"], float] = {
-        "attribute": 0.5, "position": 0.3, "relation": 0.2}
-    split_fractions: dict[str, float] = {"train": 0.7, "val": 0.1, "testA": 0.1, "testB": 0.1}
-    jpeg_quality: int = Field(92, ge=50, le=100)
+    dataset: str
+    split_by: str
+    num_images: Int = Field(ge=4)
+    objects_per_image: tuple[Int, Int]
+    image_side: tuple[Int, Int]
+    expressions_per_object: tuple[Int, Int]
+    object_scale: tuple[Float, Float]
+    distractor_rate: Float = Field(ge=0.0, le=1.0)
+    family_weights: FamilyWeights
+    split_fractions: dict[str, Float]
+    jpeg_quality: Int = Field(ge=50, le=100)
 
     @model_validator(mode="after")
     def _ranges(self) -> SynthesizeParams:
@@ -72,124 +111,125 @@ class SynthesizeParams(_Strict):
 class TinyClipParams(_Strict):
     """open_clip config of the embedded CLIP (a ModifiedResNet when ``vision_layers`` is a list)."""
 
-    embed_dim: int = 128
-    image_size: int = 192
-    vision_layers: list[int] = [1, 1, 1, 1]
-    vision_width: int = 16
-    text_width: int = 128
-    text_heads: int = 4
-    text_layers: int = 2
+    embed_dim: Int
+    image_size: Int
+    vision_layers: list[Int]
+    vision_width: Int
+    text_width: Int
+    text_heads: Int
+    text_layers: Int
 
 
 class ClipParams(_Strict):
-    name: str = Field("tiny-rn", description="open_clip model name (RN50, ViT-B-16, ...) or 'tiny-rn'")
+    name: str = Field(description="open_clip model name (RN50, ViT-B-16, ...) or 'tiny-rn'")
     pretrained: str = Field(
-        "embedded",
         description="'embedded' (trained by pretrain_clip), an open_clip tag, or a local checkpoint path",
     )
-    tiny: TinyClipParams = TinyClipParams()
+    tiny: TinyClipParams
 
 
 class ModelParams(_Strict):
-    clip: ClipParams = ClipParams()
-    max_tokens: int = Field(20, ge=3)
-    hidden_dim: int = Field(128, ge=8, description="C_d, the projector width (paper: 1024)")
+    clip: ClipParams
+    max_tokens: Int = Field(ge=3)
+    hidden_dim: Int = Field(ge=8, description="C_d, the projector width (paper: 1024)")
 
 
 class PretrainClipParams(_Strict):
-    epochs: int = Field(12, ge=0)
-    batch_size: int = Field(64, ge=2)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.05, ge=0)
-    warmup_steps: int = Field(50, ge=0)
-    erase_prob: float = Field(0.5, ge=0, le=1, description="random blackout augmentation (no GT used)")
+    epochs: Int = Field(ge=0)
+    batch_size: Int = Field(ge=2)
+    lr: Float = Field(gt=0)
+    weight_decay: Float = Field(ge=0)
+    warmup_steps: Int = Field(ge=0)
+    erase_prob: Float = Field(ge=0, le=1, description="random blackout augmentation (no GT used)")
 
 
 class OptimParams(_Strict):
-    lr: float = Field(5e-5, gt=0)
-    backbone_lr_mult: float = Field(0.1, ge=0)
-    weight_decay: float = Field(1e-2, ge=0)
-    poly_power: float = Field(0.9, ge=0)
-    epochs: int = Field(15, ge=1)
-    batch_size: int = Field(48, ge=1)
-    amp: bool = True
-    resume: bool = True
-    freeze_batchnorm: bool = Field(
-        False, description="keep BatchNorm statistics fixed (eval mode) while training; makes results "
+    lr: Float = Field(gt=0)
+    backbone_lr_mult: Float = Field(ge=0)
+    weight_decay: Float = Field(ge=0)
+    poly_power: Float = Field(ge=0)
+    epochs: Int = Field(ge=1)
+    batch_size: Int = Field(ge=1)
+    amp: Bool
+    resume: Bool
+    freeze_batchnorm: Bool = Field(
+        description="keep BatchNorm statistics fixed (eval mode) while training; makes results "
         "independent of the per-process batch under DDP on CPU, where SyncBatchNorm is unavailable")
-    compile: bool = Field(False, description="torch.compile the trained model (CUDA: faster steps)")
+    compile: Bool = Field(description="torch.compile the trained model (CUDA: faster steps)")
 
 
 class Step1Params(OptimParams):
-    input_size: int = Field(192, ge=32)
-    prompt: Literal["bilateral", "t2v", "v2t", "none"] = "bilateral"
+    input_size: Int = Field(ge=32)
+    prompt: Literal["bilateral", "t2v", "v2t", "none"]
     init_projectors: Literal["clip", "random"] = Field(
-        "clip", description="clip: start from CLIP's dense embedding (MaskCLIP); needs hidden_dim = embed dim"
+        description="clip: start from CLIP's dense embedding (MaskCLIP); needs hidden_dim = embed dim"
     )
-    alpha: float = 0.1
-    beta: float = 0.1
-    num_negatives: int = Field(47, ge=0, description="N of Eq. 7")
-    calibration_negatives: int = Field(6, ge=0, description="K of Eq. 8")
-    cls_weight: float = Field(5.0, ge=0, description="lambda in L = lambda * L_cls + L_cal")
-    calibration_positive: bool = True
-    calibration_negative: bool = True
-    calibration_size: int = Field(128, ge=32, description="side of the masked image fed to frozen CLIP")
+    alpha: Float
+    beta: Float
+    num_negatives: Int = Field(ge=0, description="N of Eq. 7")
+    calibration_negatives: Int = Field(ge=0, description="K of Eq. 8")
+    cls_weight: Float = Field(ge=0, description="lambda in L = lambda * L_cls + L_cal")
+    calibration_positive: Bool
+    calibration_negative: Bool
+    calibration_size: Int = Field(ge=32, description="side of the masked image fed to frozen CLIP")
     calibration_score: Literal["cosine", "rescaled"] = Field(
-        "rescaled", description="phi of Eq. 9: raw cosine, or (1 + cos) / 2 so log S stays defined"
+        description="phi of Eq. 9: raw cosine, or (1 + cos) / 2 so log S stays defined"
     )
-    focal_power: float = 3.0
-    focal_eps: float = 0.01
+    focal_power: Float
+    focal_eps: Float
 
 
 class DumpParams(_Strict):
-    batch_size: int = Field(64, ge=1)
-    shard_size: int = Field(4096, ge=1, description="sentences per Zarr shard")
+    batch_size: Int = Field(ge=1)
+    shard_size: Int = Field(ge=1, description="sentences per Zarr shard")
 
 
 class EvaluateParams(_Strict):
-    threshold: float = Field(0.5, ge=0, le=1, description="binarisation of min-max normalised Step-1 maps")
-    step2_threshold: float = Field(0.5, ge=0, le=1, description="binarisation of Step-2 probabilities")
-    gallery_size: int = Field(4, ge=0, description="cases per best / median / worst row")
+    threshold: Float = Field(ge=0, le=1, description="binarisation of min-max normalised Step-1 maps")
+    step2_threshold: Float = Field(ge=0, le=1, description="binarisation of Step-2 probabilities")
+    gallery_size: Int = Field(ge=0, description="cases per best / median / worst row")
 
 
 class CrfParams(_Strict):
-    iterations: int = 10
-    gaussian_sxy: float = 3.0
-    gaussian_compat: float = 3.0
-    bilateral_sxy: float = 30.0
-    bilateral_srgb: float = 13.0
-    bilateral_compat: float = 10.0
+    """Dense CRF of IRN's confident seeds and of the ``refine: crf`` ablation (pydensecrf's kernels)."""
+
+    iterations: Int = Field(ge=0, description="mean-field iterations")
+    gaussian_sxy: Float = Field(description="spatial width of the smoothness (Gaussian) kernel")
+    gaussian_compat: Float = Field(description="weight of the smoothness kernel")
+    bilateral_sxy: Float = Field(description="spatial width of the appearance (bilateral) kernel")
+    bilateral_srgb: Float = Field(description="colour width of the appearance kernel")
+    bilateral_compat: Float = Field(description="weight of the appearance kernel")
 
 
 class AffinityParams(_Strict):
-    radius: int = Field(5, ge=1)
-    epochs: int = Field(3, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(16, ge=1)
-    input_size: int = Field(128, ge=32)
-    max_samples: int = Field(2000, ge=1, description="objects whose confident labels train the net")
+    radius: Int = Field(ge=1)
+    epochs: Int = Field(ge=1)
+    lr: Float = Field(gt=0)
+    batch_size: Int = Field(ge=1)
+    input_size: Int = Field(ge=32)
+    max_samples: Int = Field(ge=1, description="objects whose confident labels train the net")
 
 
 class RandomWalkParams(_Strict):
-    beta: float = 10.0
-    exp_times: int = Field(8, ge=0)
+    beta: Float = Field(description="exponent of the affinities (sharpens the boundaries)")
+    exp_times: Int = Field(ge=0, description="the transition matrix is applied 2^exp_times times")
 
 
 class PseudoMaskParams(_Strict):
-    prms: bool = True
-    prms_off_choice: Literal["first", "random"] = "first"
-    refine: Literal["irn", "crf", "none"] = "irn"
-    walk_seed: Literal["confident", "map"] = "confident"
-    conf_fg: float = Field(0.30, ge=0, le=1)
-    conf_bg: float = Field(0.05, ge=0, le=1)
-    threshold: float = Field(0.25, ge=0, le=1)
-    keep: Literal["all", "largest", "argmax"] = "argmax"
-    crf: CrfParams = CrfParams()
-    affinity: AffinityParams = AffinityParams()
-    random_walk: RandomWalkParams = RandomWalkParams()
-    workers: int = Field(2, ge=1, description="CPU processes for the CRF")
-    shard_size: int = Field(256, ge=1, description="objects per pseudo_masks.zarr shard (and per rank task)")
-    size: int = Field(128, ge=32, description="working (and stored) resolution of the pseudo-masks")
+    prms: Bool
+    prms_off_choice: Literal["first", "random"]
+    refine: Literal["irn", "crf", "none"]
+    walk_seed: Literal["confident", "map"]
+    conf_fg: Float = Field(ge=0, le=1)
+    conf_bg: Float = Field(ge=0, le=1)
+    threshold: Float = Field(ge=0, le=1)
+    keep: Literal["all", "largest", "argmax"]
+    crf: CrfParams
+    affinity: AffinityParams
+    random_walk: RandomWalkParams
+    workers: Int = Field(ge=1, description="CPU processes for the CRF")
+    shard_size: Int = Field(ge=1, description="objects per pseudo_masks.zarr shard (and per rank task)")
+    size: Int = Field(ge=32, description="working (and stored) resolution of the pseudo-masks")
 
     @model_validator(mode="after")
     def _confidence_order(self) -> PseudoMaskParams:
@@ -199,22 +239,22 @@ class PseudoMaskParams(_Strict):
 
 
 class Step2Params(OptimParams):
-    input_size: int = Field(192, ge=32)
-    fusion_dim: int = Field(64, ge=8)
-    decoder_dim: int = Field(32, ge=8)
+    input_size: Int = Field(ge=32)
+    fusion_dim: Int = Field(ge=8)
+    decoder_dim: Int = Field(ge=8)
 
 
 class Params(_Strict):
-    base: BaseParams = BaseParams()
-    data: DataParams = DataParams()
-    synthesize: SynthesizeParams = SynthesizeParams()
-    model: ModelParams = ModelParams()
-    pretrain_clip: PretrainClipParams = PretrainClipParams()
-    step1: Step1Params = Step1Params()
-    dump: DumpParams = DumpParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    pseudo_masks: PseudoMaskParams = PseudoMaskParams()
-    step2: Step2Params = Step2Params()
+    base: BaseParams
+    data: DataParams
+    synthesize: SynthesizeParams
+    model: ModelParams
+    pretrain_clip: PretrainClipParams
+    step1: Step1Params
+    dump: DumpParams
+    evaluate: EvaluateParams
+    pseudo_masks: PseudoMaskParams
+    step2: Step2Params
 
 
 class ParamsError(ValueError):
@@ -250,3 +290,70 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if raw is not None and not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections")
     return parse_params(raw, str(path))
+
+
+class ParamsReads:
+    """A view of a params model that records the dotted key of every value read through it.
+
+    It exists so that a test can *observe* which keys a stage reads (and compare them with the stage's
+    ``params:`` list in dvc.yaml) instead of guessing from the stage's source text: reads made deep in
+    the library through a section handed down (``make_pseudo_masks(..., params.pseudo_masks)``) count.
+    A section is returned as another view; a leaf value is returned as is and recorded. Anything else
+    taken from a section (``model_dump()``, ``model_copy()``, iterating it, pickling it) hands out all of
+    its values at once, so it records the whole section.
+    """
+
+    __slots__ = ("_target", "_key", "_reads")
+
+    def __init__(self, target: BaseModel, reads: set[str], key: str = "") -> None:
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_key", key)
+        object.__setattr__(self, "_reads", reads)
+
+    def _record_all(self) -> None:
+        if self._key:
+            self._reads.add(self._key)
+        else:  # the whole file: every section
+            self._reads.update(type(self._target).model_fields)
+
+    def __getattr__(self, name: str) -> object:
+        value = getattr(self._target, name)
+        if name in type(self._target).model_fields:
+            key = f"{self._key}.{name}" if self._key else name
+            if isinstance(value, BaseModel):
+                return ParamsReads(value, self._reads, key)
+            self._reads.add(key)
+            return value
+        self._record_all()
+        return value
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("recorded params are read-only")
+
+    def __iter__(self):  # noqa: ANN204 - mirrors BaseModel.__iter__
+        self._record_all()
+        return iter(self._target)
+
+    def __eq__(self, other: object) -> bool:
+        self._record_all()
+        return self._target == (other._target if isinstance(other, ParamsReads) else other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple:
+        """Pickled (e.g. for a worker process) as the plain model, read in full."""
+        self._record_all()
+        return (_identity, (self._target,))
+
+    def __repr__(self) -> str:
+        return f"ParamsReads({self._key or '<params>'})"
+
+
+def _identity(value: object) -> object:
+    return value
+
+
+def record_reads(params: Params) -> tuple[Params, set[str]]:
+    """``params`` wrapped in a :class:`ParamsReads` view, and the set it fills with the keys read."""
+    reads: set[str] = set()
+    return ParamsReads(params, reads), reads  # type: ignore[return-value]

@@ -28,7 +28,7 @@ from pipeline.data.samples import ImageBank
 from pipeline.distributed import SINGLE_PROCESS, DistContext
 from pipeline.maps import minmax_normalize, upsample
 from pipeline.models.clip_backbone import FrozenClip, encode_texts
-from pipeline.params import AffinityParams
+from pipeline.params import AffinityParams, PseudoMaskParams
 from pipeline.prms import PrmsItem, choose_without_prms, select_batch
 from pipeline.progress import progress
 from pipeline.refine.affinity import AffinityNet, train_affinity
@@ -91,28 +91,33 @@ def select_responses(sentences: pd.DataFrame, responses: dict[int, np.ndarray], 
 
 
 def _confident_task(args: tuple) -> np.ndarray:
-    image, fg_map, conf_fg, conf_bg, crf_kwargs = args
-    return confident_labels(image, fg_map, conf_fg, conf_bg, crf_kwargs)
+    image, fg_map, conf_fg, conf_bg, crf = args
+    return confident_labels(image, fg_map, conf_fg, conf_bg, crf)
 
 
-def confident_seed_labels(images: Iterable[np.ndarray], fg_maps: Iterable[np.ndarray], conf_fg: float,
-                          conf_bg: float, crf_kwargs: dict, workers: int) -> list[np.ndarray]:
-    """IRN's CRF-cleaned confident fg / bg / ignore labels for every object, in CPU processes."""
-    tasks = [(im, fg, conf_fg, conf_bg, crf_kwargs) for im, fg in zip(images, fg_maps, strict=True)]
-    if workers <= 1:
+def confident_seed_labels(images: Iterable[np.ndarray], fg_maps: Iterable[np.ndarray],
+                          params: PseudoMaskParams) -> list[np.ndarray]:
+    """IRN's CRF-cleaned confident fg / bg / ignore labels for every object (``params.conf_fg`` /
+    ``conf_bg`` / ``crf``), in ``params.workers`` CPU processes."""
+    tasks = [(im, fg, params.conf_fg, params.conf_bg, params.crf)
+             for im, fg in zip(images, fg_maps, strict=True)]
+    if params.workers <= 1:
         return [_confident_task(t) for t in progress(tasks, desc="crf")]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=params.workers) as pool:
         return list(progress(pool.map(_confident_task, tasks, chunksize=16), total=len(tasks), desc="crf"))
 
 
-def make_pseudo_masks(selection: Selection, bank: ImageBank, *, method: str, conf_fg: float, conf_bg: float,
-                      crf_kwargs: dict, affinity: AffinityParams, random_walk: dict, threshold: float,
-                      keep: str, workers: int, seed: int, device: torch.device, walk_seed: str = "confident",
-                      global_rows: np.ndarray | None = None, total_objects: int | None = None,
-                      dist: DistContext = SINGLE_PROCESS) -> tuple[dict[int, np.ndarray], AffinityNet | None]:
+def make_pseudo_masks(selection: Selection, bank: ImageBank, params: PseudoMaskParams, *, seed: int,
+                      device: torch.device, global_rows: np.ndarray | None = None,
+                      total_objects: int | None = None, dist: DistContext = SINGLE_PROCESS
+                      ) -> tuple[dict[int, np.ndarray], AffinityNet | None]:
     """ref_id -> bool pseudo-mask at S x S, and the trained affinity net (``irn`` only).
 
-    The affinity net learns from the confident labels of at most ``affinity.max_samples`` objects
+    Every setting comes from the one ``pseudo_masks`` section ``params`` (``refine``, ``walk_seed``,
+    ``conf_fg`` / ``conf_bg``, ``crf``, ``affinity``, ``random_walk``, ``threshold``, ``keep``,
+    ``workers``), so a stage cannot pass half of it or a value from elsewhere; ``seed`` is ``base.seed``.
+
+    The affinity net learns from the confident labels of at most ``params.affinity.max_samples`` objects
     (a random subset: boundaries look alike everywhere, and this bounds the CPU time on large sets);
     refinement then runs image by image, all objects of an image sharing one boundary map.
     ``walk_seed="confident"`` starts the random walk from the map restricted to its CRF-confident
@@ -127,34 +132,31 @@ def make_pseudo_masks(selection: Selection, bank: ImageBank, *, method: str, con
     rows_here = np.arange(len(objects)) if global_rows is None else np.asarray(global_rows)
     net = None
     seeds = {int(r): selection.fg_maps[int(r)] for r in objects["ref_id"]}
-    if method == "irn":
+    if params.refine == "irn":
         rng = np.random.default_rng(seed)
-        if walk_seed == "confident":  # CRF labels for every object; the net learns from a sample
+        max_samples = params.affinity.max_samples
+        if params.walk_seed == "confident":  # CRF labels for every object; the net learns from a sample
             labelled = np.arange(total)
-            sample = np.sort(rng.permutation(total)[: affinity.max_samples])
+            sample = np.sort(rng.permutation(total)[:max_samples])
         else:  # IRN: CRF labels only for the sampled objects
-            labelled = np.sort(rng.permutation(total)[: affinity.max_samples])
-            sample = labelled[np.sort(rng.permutation(len(labelled))[: affinity.max_samples])]
+            labelled = np.sort(rng.permutation(total)[:max_samples])
+            sample = labelled[np.sort(rng.permutation(len(labelled))[:max_samples])]
         mine = np.flatnonzero(np.isin(rows_here, labelled))  # local positions this rank labels
         rows = objects.iloc[mine]
         images = [bank.get(int(i)).permute(1, 2, 0).numpy() for i in rows["image_id"]]
-        labels = confident_seed_labels(images, [seeds[int(r)] for r in rows["ref_id"]], conf_fg, conf_bg,
-                                       crf_kwargs, workers)
-        net = _train_shared_affinity(rows, labels, rows_here[mine], sample, bank, affinity, seed, device,
-                                     dist)
-        if walk_seed == "confident":  # walk from the CRF-confident foreground, not the whole coarse map
+        labels = confident_seed_labels(images, [seeds[int(r)] for r in rows["ref_id"]], params)
+        net = _train_shared_affinity(rows, labels, rows_here[mine], sample, bank, params.affinity, seed,
+                                     device, dist)
+        if params.walk_seed == "confident":  # walk from the CRF-confident foreground, not the whole map
             for ref, lab in zip(rows["ref_id"], labels, strict=True):
                 seeds[int(ref)] = seeds[int(ref)] * (lab == 1)
     masks = {}
     for image_id, group in progress(list(objects.groupby("image_id", sort=True)), desc="refine"):
         image = bank.get(int(image_id)).permute(1, 2, 0).numpy()
         refs = group["ref_id"].astype(int).tolist()
-        refined = refine_map(image, np.stack([seeds[r] for r in refs]), method=method,
-                             affinity_net=net, crf_kwargs=crf_kwargs, radius=affinity.radius,
-                             beta=random_walk["beta"], exp_times=random_walk["exp_times"],
-                             input_size=affinity.input_size)
+        refined = refine_map(image, np.stack([seeds[r] for r in refs]), params, affinity_net=net)
         for ref, soft in zip(refs, refined, strict=True):
-            masks[ref] = to_pseudo_mask(soft, threshold, keep)
+            masks[ref] = to_pseudo_mask(soft, params.threshold, params.keep)
     return masks, net
 
 

@@ -1,7 +1,15 @@
-"""The few lines every stage entrypoint starts with: validated params, seeds, threads, device."""
+"""The few lines every stage entrypoint starts with: validated params, seeds, threads, device.
+
+Every stage obtains its params here, which is also where the dvc.yaml check hooks in: with
+``TRIS_PARAMS_TRACE=<dir>`` set, the stage gets a :class:`~pipeline.params.ParamsReads` view and writes
+the dotted keys it read to ``<dir>/<stage>.json`` on exit (see tests/test_dvc_params.py).
+"""
 
 from __future__ import annotations
 
+import atexit
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -9,8 +17,31 @@ from pathlib import Path
 import torch
 
 from pipeline.distributed import DistContext, init_distributed, relaunch_under_torchrun
-from pipeline.params import Params, ParamsError, load_params
+from pipeline.params import Params, ParamsError, load_params, record_reads
 from pipeline.runtime import configure_threads, seed_everything, select_device
+
+TRACE_ENV = "TRIS_PARAMS_TRACE"
+
+
+def _traced(name: str, params: Params) -> Params:
+    """``params`` as is, or (with ``TRIS_PARAMS_TRACE`` set) a view recording the keys the stage reads.
+
+    The reads :func:`start_stage` makes itself (seed, threads, device) come before the view: seeding the
+    global RNGs is set-up done for every stage, and a stage whose results depend on the seed reads
+    ``base.seed`` again where it draws (its generators, its training config).
+    """
+    trace_dir = os.environ.get(TRACE_ENV)
+    if not trace_dir:
+        return params
+    view, reads = record_reads(params)
+    path = Path(trace_dir) / f"{name}.json"
+
+    def dump() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(sorted(reads), indent=1))
+
+    atexit.register(dump)
+    return view
 
 
 def start_stage(name: str, params_path: str | Path = "params.yaml") -> tuple[Params, torch.device]:
@@ -23,7 +54,7 @@ def start_stage(name: str, params_path: str | Path = "params.yaml") -> tuple[Par
     configure_threads(params.base.threads)
     device = select_device(params.base.device)
     print(f"[{name}] device={device} seed={params.base.seed} threads={torch.get_num_threads()}")
-    return params, device
+    return _traced(name, params), device
 
 
 def start_distributed_stage(name: str, params_path: str | Path = "params.yaml"

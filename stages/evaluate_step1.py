@@ -23,7 +23,7 @@ def main() -> None:
     report, tables = {}, {}
     with StageTimer("evaluate_step1"):
         for split in params.data.eval_splits:
-            report[split], tables[split] = evaluate_responses(store, split, gt, p.threshold)
+            report[split], tables[split] = evaluate_responses(store, split, gt, p)
             print(f"[evaluate_step1] {split}: {report[split]}")
     write_json(paths.REPORTS / "step1.json", report)
 

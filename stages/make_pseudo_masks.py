@@ -63,11 +63,8 @@ def main() -> None:
                                max_tokens=params.model.max_tokens,
                                calibration_size=params.step1.calibration_size, device=device,
                                seed=params.base.seed)
-        masks, net = make_pseudo_masks(
-            sel, bank, method=p.refine, conf_fg=p.conf_fg, conf_bg=p.conf_bg, crf_kwargs=p.crf.model_dump(),
-            affinity=p.affinity, random_walk=p.random_walk.model_dump(), threshold=p.threshold,
-            keep=p.keep, workers=p.workers, seed=params.base.seed, device=device,
-            walk_seed=p.walk_seed, global_rows=rows, total_objects=len(ref_order), dist=dist)
+        masks, net = make_pseudo_masks(sel, bank, p, seed=params.base.seed, device=device, global_rows=rows,
+                                       total_objects=len(ref_order), dist=dist)
         objects = sel.objects
         if dist.is_main:
             with atomic_dir(paths.AFFINITY) as out:

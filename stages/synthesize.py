@@ -22,7 +22,7 @@ def main() -> None:
             objects_per_image=p.objects_per_image, image_side=p.image_side,
             expressions_per_object=p.expressions_per_object, object_scale=p.object_scale,
             distractor_rate=p.distractor_rate, split_fractions=p.split_fractions,
-            jpeg_quality=p.jpeg_quality, seed=params.base.seed, family_weights=p.family_weights)
+            jpeg_quality=p.jpeg_quality, seed=params.base.seed, family_weights=p.family_weights.model_dump())
         write_json(out / "summary.json", summary)
     print(f"[synthesize] {summary['images']} images, {summary['refs']} refs, "
           f"{summary['sentences']} sentences "

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.params import Params, load_params
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(1)
@@ -23,3 +25,10 @@ def in_tmp_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     os.environ.setdefault("TQDM_DISABLE", "1")
     return tmp_path
+
+
+@pytest.fixture
+def default_params() -> Params:
+    """The committed ``params.yaml``: the schema has no defaults, so tests start from the real values and
+    change what they need with ``.model_copy(update=...)``."""
+    return load_params(ROOT / "params.yaml")

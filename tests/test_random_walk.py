@@ -108,23 +108,33 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / (a | b).sum())
 
 
-def test_refine_map_irn_confines_the_response_to_the_boundary():
+def settings(default_params, refine: str):
+    """The ``pseudo_masks`` section with the settings these scenes were made for (a 64-pixel grid, a
+    6-squaring walk, a 10-iteration CRF)."""
+    p = default_params.pseudo_masks
+    return p.model_copy(update={
+        "refine": refine,
+        "affinity": p.affinity.model_copy(update={"radius": 5, "input_size": 64}),
+        "random_walk": p.random_walk.model_copy(update={"beta": 10.0, "exp_times": 6}),
+        "crf": p.crf.model_copy(update={"iterations": 10}),
+    })
+
+
+def test_refine_map_irn_confines_the_response_to_the_boundary(default_params):
     image, coarse, disc, net = disc_scene()
-    refined = refine_map(
-        image, coarse, method="irn", affinity_net=net, radius=5, beta=10, exp_times=6, input_size=64
-    )
+    refined = refine_map(image, coarse, settings(default_params, "irn"), affinity_net=net)
     assert refined.shape == disc.shape and refined.dtype == np.float32
     assert refined.max() == pytest.approx(1.0) and refined.min() >= 0
     assert iou(refined > 0.4, disc) > 0.85
     assert iou(coarse > 0.4, disc) < 0.6
 
 
-def test_refine_map_none_and_crf():
+def test_refine_map_none_and_crf(default_params):
     image, coarse, disc, _ = disc_scene()
-    np.testing.assert_array_equal(refine_map(image, coarse, method="none"), coarse)
-    assert iou(refine_map(image, coarse, method="crf") > 0.5, disc) > 0.85
+    np.testing.assert_array_equal(refine_map(image, coarse, settings(default_params, "none")), coarse)
+    assert iou(refine_map(image, coarse, settings(default_params, "crf")) > 0.5, disc) > 0.85
     with pytest.raises(ValueError, match="affinity_net"):
-        refine_map(image, coarse, method="irn")
+        refine_map(image, coarse, settings(default_params, "irn"))
 
 
 def keep_map() -> np.ndarray:

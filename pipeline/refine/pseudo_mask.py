@@ -9,7 +9,6 @@ optionally keeps one connected component, since a referring expression names a s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -17,36 +16,31 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from pipeline.params import PseudoMaskParams
 from pipeline.refine.affinity import AffinityNet, predict_boundary
 from pipeline.refine.crf import crf_refine
 from pipeline.refine.random_walk import random_walk
 
-Method = Literal["none", "crf", "irn"]
 Keep = Literal["all", "largest", "argmax"]
 
 
 def refine_map(
-    image: np.ndarray,
-    fg_map: np.ndarray,
-    *,
-    method: Method,
-    affinity_net: AffinityNet | None = None,
-    crf_kwargs: Mapping[str, float] | None = None,
-    radius: int = 5,
-    beta: float = 10.0,
-    exp_times: int = 8,
-    input_size: int = 128,
+    image: np.ndarray, fg_map: np.ndarray, params: PseudoMaskParams, affinity_net: AffinityNet | None = None
 ) -> np.ndarray:
-    """Refined foreground map(s) in [0, 1] for a uint8 ``(H, W, 3)`` image.
+    """Refined foreground map(s) in [0, 1] for a uint8 ``(H, W, 3)`` image, by ``params.refine``.
 
     ``fg_map`` is ``(H, W)`` or a stack ``(C, H, W)`` of maps of several objects of the same image,
     which then share one boundary map and one batched random walk (the output has the input's shape).
+    The method and its settings come from the ``pseudo_masks`` section, so no setting has a second
+    default here: ``crf`` uses ``params.crf``; ``irn`` uses ``params.affinity`` (``radius``, ``input_size``)
+    and ``params.random_walk``.
 
     ``irn``: the boundary map ``B`` of ``affinity_net`` on the image resized to ``input_size`` squared
     (stride-4 grid), the fg map area-downsampled to that grid, ``random_walk`` of ``fg * (1 - B)``,
     bilinear upsampling back to ``(H, W)`` and division by the maximum (IRN's ``rw_up / max``), per map.
     The confident labels that trained ``affinity_net`` come from :func:`pipeline.refine.crf.confident_labels`.
     """
+    method = params.refine
     fg = np.clip(np.asarray(fg_map, dtype=np.float32), 0.0, 1.0)
     single = fg.ndim == 2
     stack = fg[None] if single else fg
@@ -55,14 +49,15 @@ def refine_map(
     if method == "none":
         out = stack
     elif method == "crf":
-        out = np.stack([crf_refine(image, m, crf_kwargs) for m in stack]).clip(0, 1).astype(np.float32)
+        out = np.stack([crf_refine(image, m, params.crf) for m in stack]).clip(0, 1).astype(np.float32)
     elif method == "irn":
         if affinity_net is None:
             raise ValueError("method='irn' needs a trained affinity_net")
-        boundary = predict_boundary(affinity_net, image, input_size)
+        boundary = predict_boundary(affinity_net, image, params.affinity.input_size)
         seeds = torch.from_numpy(stack).to(boundary.device)[:, None]
         seeds = F.interpolate(seeds, size=tuple(boundary.shape), mode="area")[:, 0]
-        walked = random_walk(seeds, boundary, radius, beta, exp_times)
+        walk = params.random_walk
+        walked = random_walk(seeds, boundary, params.affinity.radius, walk.beta, walk.exp_times)
         up = F.interpolate(walked[:, None], size=stack.shape[1:], mode="bilinear", align_corners=False)[:, 0]
         peak = up.flatten(1).max(dim=1).values.clamp_min(1e-12).view(-1, 1, 1)
         out = (up / peak).clamp(0, 1).cpu().numpy().astype(np.float32)
@@ -74,7 +69,7 @@ def refine_map(
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
-def to_pseudo_mask(refined: np.ndarray, threshold: float, keep: Keep = "all") -> np.ndarray:
+def to_pseudo_mask(refined: np.ndarray, threshold: float, keep: Keep) -> np.ndarray:
     """Binary pseudo-mask ``(H, W)`` bool: pixels with ``refined > threshold``, then per ``keep``:
 
     ``all`` every component; ``largest`` the largest 8-connected component (ties: the lowest label, i.e.
