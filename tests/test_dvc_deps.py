@@ -24,8 +24,8 @@ from pipeline.codedeps import ROOT, closure
 DVC_YAML = ROOT / "dvc.yaml"
 
 INDIRECT_READS = {
-    # Function -> artifact that a stage running the module which defines it opens, though no
-    # ``paths`` constant names it there. Keyed by function name, so the rule follows a moved module.
+    # Function -> artifact that a stage opens when its code calls the function, though no ``paths``
+    # constant names it there. Keyed by function name, so the rule follows a moved module.
     "load_localiser": paths.CLIP,  # rebuilds the backbone from the clip_dir in the Step-1 checkpoint meta
     "read_image_rgb": paths.SYNTHETIC / "images",  # the image files the index points at (synthetic data)
 }
@@ -104,6 +104,18 @@ def definers(function: str) -> list[Path]:
                    for n in ast.parse(f.read_text()).body)]
 
 
+def calls(source: Path, function: str) -> bool:
+    """Whether ``source`` calls ``function`` (by bare name or as an attribute): a module that merely
+    shares a file with it, such as ``load_segmenter`` beside ``load_localiser``, opens nothing."""
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+            if name == function:
+                return True
+    return False
+
+
 def missing_artifact_deps(stages: dict[str, dict]) -> list[str]:
     """One line per artifact a stage's code opens that is neither among its deps nor its outs."""
     indirect = {function: (definers(function), artifact) for function, artifact in INDIRECT_READS.items()}
@@ -112,7 +124,8 @@ def missing_artifact_deps(stages: dict[str, dict]) -> list[str]:
         declared = entries(stage, "deps", "outs", "metrics", "plots")
         modules = closure(stage_script(stage))
         used = set().union(*(named_artifacts(m) for m in modules))
-        used |= {artifact.as_posix() for files, artifact in indirect.values() if set(files) & set(modules)}
+        used |= {artifact.as_posix() for function, (files, artifact) in indirect.items()
+                 if set(files) & set(modules) and any(calls(m, function) for m in modules)}
         for path in sorted(used):
             # a folder named with a computed suffix (``paths.REPORTS / name``) is fine when something
             # below it is declared
