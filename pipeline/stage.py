@@ -18,7 +18,7 @@ import torch
 
 from pipeline.distributed import DistContext, init_distributed, relaunch_under_torchrun
 from pipeline.params import Params, ParamsError, load_params, record_reads
-from pipeline.runtime import configure_threads, seed_everything, select_device
+from pipeline.runtime import DeviceError, configure_threads, seed_everything, select_device
 
 TRACE_ENV = "TRIS_PARAMS_TRACE"
 
@@ -45,14 +45,18 @@ def _traced(name: str, params: Params) -> Params:
 
 
 def start_stage(name: str, params_path: str | Path = "params.yaml") -> tuple[Params, torch.device]:
-    """Load params (exit with the key-naming message on error), seed, pin threads, pick the device."""
+    """Load params (exit with the key-naming message on error), seed, pin threads, pick the device (exit
+    with one line naming ``base.device`` when it is unusable here, e.g. ``cuda`` without a GPU)."""
     try:
         params = load_params(params_path)
     except ParamsError as err:
         sys.exit(f"{name}: {err}")
     seed_everything(params.base.seed)
     configure_threads(params.base.threads)
-    device = select_device(params.base.device)
+    try:
+        device = select_device(params.base.device)
+    except DeviceError as err:
+        sys.exit(f"{name}: {err}")
     print(f"[{name}] device={device} seed={params.base.seed} threads={torch.get_num_threads()}")
     return _traced(name, params), device
 
