@@ -107,3 +107,26 @@ def save_torch(target: str | Path, obj: Any) -> None:
 
     with atomic_file(target) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely: torn, foreign, or holding more than tensors and plain
+    data."""
+
+
+def load_torch(path: str | Path) -> Any:
+    """``torch.load`` ``path`` onto the CPU with ``weights_only=True``.
+
+    Checkpoints hold only tensors, state dicts, plain containers, strings and numbers (numpy generator
+    states are plain dicts of ints), so the restricted unpickler reads all of them; a file that wants
+    anything else (a ``__reduce__`` payload would run code on a plain ``pickle`` load) is refused with a
+    :class:`CheckpointError` naming the file, and nothing in it is executed.
+    """
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the weights-only unpickler raises many types for torn or foreign bytes
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint (refused by the weights-only loader: "
+                              f"{first})") from err

@@ -28,7 +28,7 @@ def test_same_weights_give_the_same_checkpoint_bytes(tmp_path):
         save_torch(tmp_path / name, state)
         digests.add(hashlib.md5((tmp_path / name).read_bytes()).hexdigest())
     assert len(digests) == 1
-    assert torch.equal(torch.load(tmp_path / "a.pt")["weight"], state["weight"])
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["weight"], state["weight"])
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
