@@ -113,6 +113,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded safely: torn, foreign, or holding more than tensors and plain
     data."""
 
+    stage_one_line = True  # a stage reports it as one line (pipeline.stage), not a traceback
+
 
 def load_torch(path: str | Path) -> Any:
     """``torch.load`` ``path`` onto the CPU with ``weights_only=True``.

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import TracebackType
 
 import torch
 
@@ -44,6 +45,22 @@ def _traced(name: str, params: Params) -> Params:
     return view
 
 
+def _one_line_errors(name: str) -> None:
+    """Report damaged inputs as one ``<stage>: <message>`` line, exit status 1: errors whose class sets
+    ``stage_one_line`` (:class:`~pipeline.store.StoreCorruptError`, :class:`~pipeline.atomic.CheckpointError`)
+    already name the file and the fix, and a traceback would bury them. Other errors keep Python's
+    traceback. (A class flag, not an import of those modules: every stage would then depend on them.)"""
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        if getattr(exc_type, "stage_one_line", False):
+            print(f"{name}: {exc}", file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+
+
 def start_stage(name: str, params_path: str | Path = "params.yaml") -> tuple[Params, torch.device]:
     """Load params (exit with the key-naming message on error), seed, pin threads, pick the device (exit
     with one line naming ``base.device`` when it is unusable here, e.g. ``cuda`` without a GPU)."""
@@ -51,6 +68,7 @@ def start_stage(name: str, params_path: str | Path = "params.yaml") -> tuple[Par
         params = load_params(params_path)
     except ParamsError as err:
         sys.exit(f"{name}: {err}")
+    _one_line_errors(name)
     seed_everything(params.base.seed)
     configure_threads(params.base.threads)
     try:
