@@ -4,6 +4,11 @@ A crash (or ``kill -9``) mid-write then leaves the previous output, or nothing, 
 table, store or checkpoint that DVC or a later stage would mistake for a finished one. The temporary
 that a killed writer leaves behind (``.<name>.<random>.tmp``) is removed by the next write of the same
 target.
+
+``mkstemp`` / ``mkdtemp`` create their temporaries private (0600 / 0700), which suits a temporary but not
+the finished output: the temporary is given the mode a plain ``open()`` / ``mkdir()`` would have given it
+under the current umask before it is moved into place, so outputs stay readable by whoever could read
+them before (DVC cache, shared result folders).
 """
 
 from __future__ import annotations
@@ -19,15 +24,30 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(is_dir: bool) -> int:
+    """The mode ``open(..., "w")`` (files) or ``mkdir`` (folders) would give under the current umask."""
+    return (0o777 if is_dir else 0o666) & ~_umask()
+
+
 def _tmp_sibling(target: Path, is_dir: bool) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):  # left by a killed writer
         _remove(stale)
     if is_dir:
-        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    return Path(name)
+        path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        path = Path(name)
+    os.chmod(path, default_mode(is_dir))  # mkstemp/mkdtemp make it private; the output should not be
+    return path
 
 
 def _remove(path: Path) -> None:
@@ -87,3 +107,28 @@ def save_torch(target: str | Path, obj: Any) -> None:
 
     with atomic_file(target) as tmp, open(tmp, "wb") as fh:
         torch.save(obj, fh)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely: torn, foreign, or holding more than tensors and plain
+    data."""
+
+    stage_one_line = True  # a stage reports it as one line (pipeline.stage), not a traceback
+
+
+def load_torch(path: str | Path) -> Any:
+    """``torch.load`` ``path`` onto the CPU with ``weights_only=True``.
+
+    Checkpoints hold only tensors, state dicts, plain containers, strings and numbers (numpy generator
+    states are plain dicts of ints), so the restricted unpickler reads all of them; a file that wants
+    anything else (a ``__reduce__`` payload would run code on a plain ``pickle`` load) is refused with a
+    :class:`CheckpointError` naming the file, and nothing in it is executed.
+    """
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # the weights-only unpickler raises many types for torn or foreign bytes
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint (refused by the weights-only loader: "
+                              f"{first})") from err

@@ -9,13 +9,30 @@ import numpy as np
 import torch
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; an explicit ``cuda`` without a GPU is an error."""
+class DeviceError(ValueError):
+    """A device name that cannot be used on this machine; its message is one line naming the setting."""
+
+
+def select_device(name: str = "auto", setting: str = "base.device") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; an explicit ``cuda`` without a GPU is an error.
+
+    Checked when a stage starts (and before the predict CLI loads anything), so a wrong device stops the
+    run with one line naming ``setting`` instead of a CUDA traceback minutes into the work.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"base.device={name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:  # e.g. 'cdua', 'cuda:x'
+        raise DeviceError(f"{setting}={name!r} is not a device name; use auto, cpu, cuda or cuda:N") from err
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"{setting}={name!r}: only auto, cpu, cuda and cuda:N are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{setting}={name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceError(f"{setting}={name!r} but this machine has {count} CUDA device(s)")
     return device
 
 

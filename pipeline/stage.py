@@ -13,12 +13,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import TracebackType
 
 import torch
 
 from pipeline.distributed import DistContext, init_distributed, relaunch_under_torchrun
 from pipeline.params import Params, ParamsError, load_params, record_reads
-from pipeline.runtime import configure_threads, seed_everything, select_device
+from pipeline.runtime import DeviceError, configure_threads, seed_everything, select_device
 
 TRACE_ENV = "TRIS_PARAMS_TRACE"
 
@@ -44,15 +45,36 @@ def _traced(name: str, params: Params) -> Params:
     return view
 
 
+def _one_line_errors(name: str) -> None:
+    """Report damaged inputs as one ``<stage>: <message>`` line, exit status 1: errors whose class sets
+    ``stage_one_line`` (:class:`~pipeline.store.StoreCorruptError`, :class:`~pipeline.atomic.CheckpointError`)
+    already name the file and the fix, and a traceback would bury them. Other errors keep Python's
+    traceback. (A class flag, not an import of those modules: every stage would then depend on them.)"""
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        if getattr(exc_type, "stage_one_line", False):
+            print(f"{name}: {exc}", file=sys.stderr)
+        else:
+            previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+
+
 def start_stage(name: str, params_path: str | Path = "params.yaml") -> tuple[Params, torch.device]:
-    """Load params (exit with the key-naming message on error), seed, pin threads, pick the device."""
+    """Load params (exit with the key-naming message on error), seed, pin threads, pick the device (exit
+    with one line naming ``base.device`` when it is unusable here, e.g. ``cuda`` without a GPU)."""
     try:
         params = load_params(params_path)
     except ParamsError as err:
         sys.exit(f"{name}: {err}")
+    _one_line_errors(name)
     seed_everything(params.base.seed)
     configure_threads(params.base.threads)
-    device = select_device(params.base.device)
+    try:
+        device = select_device(params.base.device)
+    except DeviceError as err:
+        sys.exit(f"{name}: {err}")
     print(f"[{name}] device={device} seed={params.base.seed} threads={torch.get_num_threads()}")
     return _traced(name, params), device
 

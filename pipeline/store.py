@@ -24,6 +24,15 @@ arrays, each rank writes only the shards :meth:`RecordWriter.owned_ranges` gives
 to rank k mod world size, so no two writers ever touch one shard file), and rank 0 gathers the small
 columns, checks that every row arrived exactly once, and moves the store into place.
 
+Readers never return a silently wrong record. Zarr reads a missing chunk file as the fill value, so
+a deleted or emptied shard would read as zeros (and score a plausible mIoU); a changed byte would decode
+to other numbers. Every chunk therefore carries a CRC-32C (``Crc32cCodec`` after zstd; the shard index
+has its own CRC by default) and every chunk is written even when it equals the fill value
+(``write_empty_chunks``), so :class:`RecordStore` checks, the first time it touches a split, that every
+storage file the array metadata implies exists and is non-empty, and turns any decode failure into a
+:class:`StoreCorruptError` naming the store, the group (split) and the shard file, and saying that
+``dvc repro`` rebuilds it. The codecs change the stored bytes only; the decoded arrays are the same.
+
 The two stores differ only in data: each is a :class:`RecordSchema` (``RESPONSE_SCHEMA``,
 ``PSEUDO_MASK_SCHEMA``) that names its data array, key column, dtypes, columns and attributes, and one
 writer (:class:`RecordWriter`) and one reader (:class:`RecordStore`) serve both.
@@ -32,6 +41,7 @@ writer (:class:`RecordWriter`) and one reader (:class:`RecordStore`) serve both.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,11 +51,18 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from pipeline.atomic import atomic_dir
 from pipeline.distributed import SINGLE_PROCESS, DistContext
 
 FORMAT_VERSION = 1
+
+COMPRESSORS = (ZstdCodec(level=0, checksum=False), Crc32cCodec())
+"""zarr's default zstd, then a CRC-32C of each (compressed) chunk, so a changed byte fails to decode
+instead of decoding to other values."""
+ARRAY_CONFIG = {"write_empty_chunks": True}
+"""Store fill-valued chunks too: with every chunk on disk, a missing file always means damage."""
 
 RESPONSE_DESCRIPTION = (
     "response[i] is the raw Step-1 text-to-image response map (Eq. 2, temperature-scaled cosine "
@@ -252,6 +269,8 @@ class RecordWriter:
                 chunks=(chunk_rows, *self.row_shape),
                 shards=(shard_rows, *self.row_shape),
                 dimension_names=(self.schema.record_dim, *self.schema.row_dims),
+                compressors=COMPRESSORS,
+                config=ARRAY_CONFIG,
             )
             root.attrs["splits"] = [*root.attrs["splits"], split]
         self.dist.barrier()
@@ -360,6 +379,8 @@ class RecordWriter:
                     data=values,
                     chunks=(max(1, state.n),),
                     dimension_names=(self.schema.record_dim,),
+                    compressors=COMPRESSORS,
+                    config=ARRAY_CONFIG,
                 )
         with warnings.catch_warnings():
             # Consolidated metadata is not yet in the Zarr v3 spec; zarr-python and xarray read it,
@@ -412,9 +433,28 @@ def _cast_rows(values: Any, dtype: np.dtype, what: str) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 
 
+class StoreCorruptError(RuntimeError):
+    """A store file is missing, empty or fails its checksum. The message names the store, the group
+    (split) and the shard file, and the fix: the store is a DVC output, so ``dvc repro`` rebuilds it."""
+
+    stage_one_line = True  # a stage reports it as one line (pipeline.stage), not a traceback
+
+    def __init__(self, store: Path, kind: str, group: str, shard: str, problem: str) -> None:
+        self.store, self.kind, self.group, self.shard, self.problem = store, kind, group, shard, problem
+        super().__init__(
+            f"{kind} store {store} is damaged: group {group!r}, shard {shard} {problem}; "
+            f"`dvc repro` rebuilds it (or delete the store and re-run the stage that writes it)"
+        )
+
+
 class RecordStore:
     """Read-only view of a store written by :class:`RecordWriter` for ``schema``, with lookup by the
-    schema's key column."""
+    schema's key column.
+
+    Every read is checked (see the module docstring): the first access to a split verifies that all of
+    its storage files exist and are non-empty, and a chunk that fails to decode raises
+    :class:`StoreCorruptError` naming the store, split and shard instead of returning wrong values.
+    """
 
     def __init__(self, path: str | Path, schema: RecordSchema) -> None:
         self.path = Path(path)
@@ -430,6 +470,7 @@ class RecordStore:
             raise ValueError(f"{self.path} holds {found!r}, not a {schema.kind!r} store")
         self._columns: dict[str, dict[str, np.ndarray]] = {}
         self._rows: dict[str, dict[int, int]] = {}
+        self._verified: set[str] = set()
 
     @property
     def splits(self) -> list[str]:
@@ -471,7 +512,8 @@ class RecordStore:
     def get(self, split: str, key: int) -> np.ndarray:
         """The record of ``key`` in ``split``, as the schema's ``read_dtype``; reads a single chunk."""
         row = self._row(split, key)
-        return np.asarray(self._group(split)[self.schema.data_name][row], dtype=self.schema.read_dtype)
+        data = self._read(split, self.schema.data_name, row, row + 1)[0]
+        return np.asarray(data, dtype=self.schema.read_dtype)
 
     def meta(self, split: str, key: int) -> dict[str, int]:
         """All scalar columns of ``key`` except the key itself, as Python ints."""
@@ -483,24 +525,59 @@ class RecordStore:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         columns = self._load(split)
-        data = self._group(split)[self.schema.data_name]
-        n = data.shape[0]
+        n = self._group(split)[self.schema.data_name].shape[0]
         for s in range(0, n, batch_size):
             e = min(s + batch_size, n)
-            batch = {self.schema.data_name: np.asarray(data[s:e], dtype=self.schema.read_dtype)}
+            data = self._read(split, self.schema.data_name, s, e)
+            batch = {self.schema.data_name: np.asarray(data, dtype=self.schema.read_dtype)}
             batch.update({k: v[s:e] for k, v in columns.items()})
             yield batch
 
     def _group(self, split: str) -> zarr.Group:
         if split not in self.splits:
             raise KeyError(f"split {split!r} not in {self.path} (has {self.splits})")
-        return self._root[split]
+        group = self._root[split]
+        if split not in self._verified:
+            for name, arr in group.arrays():
+                for _, _, key in _storage_files(arr):
+                    self._check_file(split, name, key)
+            self._verified.add(split)
+        return group
+
+    def _check_file(self, split: str, name: str, key: str) -> None:
+        """Zarr would read a missing or empty storage file as fill values: refuse both."""
+        path = self.path / split / name / key
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise self._corrupt(split, name, key, "is missing") from None
+        if size == 0:
+            raise self._corrupt(split, name, key, "is empty (0 bytes)")
+
+    def _read(self, split: str, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of array ``name``; a decode failure (checksum mismatch, torn shard)
+        becomes a :class:`StoreCorruptError` naming the shard that fails on its own."""
+        arr = self._group(split)[name]
+        try:
+            return arr[start:stop]
+        except Exception as err:  # zarr and the codecs raise several types for damaged bytes
+            for lo, hi, key in _storage_files(arr):
+                if lo < stop and hi > start:
+                    try:
+                        arr[lo:hi]
+                    except Exception as shard_err:
+                        raise self._corrupt(split, name, key, _fails(shard_err)) from shard_err
+            raise self._corrupt(split, name, f"rows {start}..{stop - 1}", _fails(err)) from err
+
+    def _corrupt(self, split: str, name: str, key: str, problem: str) -> StoreCorruptError:
+        return StoreCorruptError(self.path, self.schema.kind, split, f"{name}/{key}", problem)
 
     def _load(self, split: str) -> dict[str, np.ndarray]:
         if split not in self._columns:
             group = self._group(split)
             self._columns[split] = {
-                name: np.asarray(arr[:]) for name, arr in group.arrays() if name != self.schema.data_name
+                name: np.asarray(self._read(split, name, 0, arr.shape[0]))
+                for name, arr in group.arrays() if name != self.schema.data_name
             }
         return self._columns[split]
 
@@ -512,6 +589,24 @@ class RecordStore:
             return self._rows[split][int(key)]
         except KeyError:
             raise KeyError(f"{self.schema.key} {key} not in split {split!r} of {self.path}") from None
+
+
+def _storage_files(arr: zarr.Array) -> list[tuple[int, int, str]]:
+    """``(first row, stop row, key)`` of every storage file (shard, or chunk of an unsharded array)
+    that ``arr``'s metadata implies, the key relative to the array's folder (e.g. ``c/3/0/0``)."""
+    step = arr.shards or arr.chunks
+    grid = [-(-size // chunk) for size, chunk in zip(arr.shape, step, strict=True)]
+    return [
+        (idx[0] * step[0], min((idx[0] + 1) * step[0], arr.shape[0]), arr.metadata.encode_chunk_key(idx))
+        for idx in itertools.product(*(range(g) for g in grid))
+    ]
+
+
+def _fails(err: BaseException) -> str:
+    if "checksum" in str(err).lower():
+        return "fails its checksum"
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"fails to decode ({type(err).__name__}{': ' + detail if detail else ''})"
 
 
 def open_responses(path: str | Path) -> RecordStore:

@@ -23,7 +23,7 @@ FROZEN_BN = {"step1": {"freeze_batchnorm": True}, "step2": {"freeze_batchnorm": 
 def _weights(path) -> dict[str, torch.Tensor]:
     """Float weights of a checkpoint, without the attention KEY biases: softmax is invariant to them, so
     their gradient is float noise that AdamW scales up to lr-sized steps in any two runs."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(path, map_location="cpu", weights_only=True)
     out = {}
     for name, value in state["model"].items():
         if not value.is_floating_point():

@@ -126,7 +126,7 @@ def test_kill_during_training_then_dvc_repro_resumes_and_a_deleted_chunk_is_rebu
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     assert resume.exists(), "Step-1 never wrote its first checkpoint"
-    done = torch.load(resume, weights_only=False)["epoch"]
+    done = torch.load(resume, weights_only=True)["epoch"]
     assert 1 <= done < epochs, f"the kill came after training finished (epoch {done})"
     assert not (repo / "artifacts" / "step1" / "model.pt").exists()
 
@@ -137,11 +137,11 @@ def test_kill_during_training_then_dvc_repro_resumes_and_a_deleted_chunk_is_rebu
     assert _dvc(repo, "status").stdout.strip().startswith("Data and pipelines are up to date")
 
     # a resumed run ends with the weights of an uninterrupted one
-    resumed = torch.load(repo / "artifacts" / "step1" / "model.pt", weights_only=False)["model"]
+    resumed = torch.load(repo / "artifacts" / "step1" / "model.pt", weights_only=True)["model"]
     straight = tmp_path / "straight"
     _make_repo(straight, {"step1": {"epochs": epochs}})
     _dvc(straight, "repro", "train_step1")
-    reference = torch.load(straight / "artifacts" / "step1" / "model.pt", weights_only=False)["model"]
+    reference = torch.load(straight / "artifacts" / "step1" / "model.pt", weights_only=True)["model"]
     for key, value in reference.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=key)
 

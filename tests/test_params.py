@@ -2,6 +2,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from pydantic import BaseModel
 
@@ -149,3 +150,18 @@ def test_recorded_reads_name_leaves_and_whole_sections(default_params):
     assert reads == {"step1.lr", "pseudo_masks.crf.iterations", "model.clip.tiny"}
     with pytest.raises(AttributeError):
         view.step1.lr = 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "cdua"])
+def test_device_cuda_without_gpu_stops_a_stage_with_one_line(tmp_path, device):
+    """`base.device: cuda` on a CPU-only machine: one line naming base.device, not a traceback."""
+    from pipeline.stage import start_stage
+
+    raw = copy.deepcopy(RAW)
+    raw["base"]["device"] = device
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit) as exit_info:
+        start_stage("train_step1", tmp_path / "params.yaml")
+    message = str(exit_info.value.code)
+    assert message.startswith("train_step1: base.device=") and "\n" not in message

@@ -182,3 +182,73 @@ def test_cli_errors_name_the_culprit_without_traceback(tmp_path, checkpoint, cap
 def test_cli_missing_required_argument_returns_nonzero(capsys):
     assert main(["--image", "x.jpg", "--text", "a"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def _output_cases(tmp_path: Path, ckpt: Path) -> dict[str, tuple[dict[str, str], list[str]]]:
+    image = _write_jpeg(tmp_path / "photo.jpg", 24, 24)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "hard.jpg").hardlink_to(image)
+    return {
+        "out equals image": ({"out": str(image)}, ["--out", "photo.jpg", "--image", "overwrite an input"]),
+        "out is image by another path": ({"out": str(tmp_path / "sub" / ".." / "photo.jpg")},
+                                         ["--out", "overwrite an input"]),
+        "out is a hard link to image": ({"out": str(tmp_path / "hard.jpg")}, ["--out", "overwrite an input"]),
+        "overlay equals image": ({"out": str(tmp_path / "m.png"), "overlay": str(image)},
+                                 ["--overlay", "overwrite an input"]),
+        "out equals checkpoint": ({"out": str(ckpt)}, ["--out", "--checkpoint", "overwrite an input"]),
+        "out is a directory": ({"out": str(tmp_path / "adir")}, ["--out", "adir", "is a directory"]),
+        "out under a file": ({"out": str(tmp_path / "afile" / "m.png")}, ["--out", "not a directory"]),
+        "overlay equals out": ({"out": str(tmp_path / "m.png"), "overlay": str(tmp_path / "m.png")},
+                               ["--overlay", "also the --out"]),
+        "device cuda without a GPU": ({"out": str(tmp_path / "m.png"), "device": "cuda"},
+                                      ["--device='cuda'", "no CUDA device"]),
+        "device typo": ({"out": str(tmp_path / "m.png"), "device": "cdua"}, ["--device='cdua'"]),
+    }
+
+
+OUTPUT_CASES = ["out equals image", "out is image by another path", "out is a hard link to image",
+                "overlay equals image", "out equals checkpoint", "out is a directory", "out under a file",
+                "overlay equals out", "device cuda without a GPU", "device typo"]
+
+
+@pytest.mark.parametrize("case", OUTPUT_CASES)
+def test_cli_checks_outputs_and_device_before_any_work(tmp_path, checkpoint, capsys, monkeypatch, case):
+    if case == "device cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(checkpoint[0].read_bytes())
+    over, expected = _output_cases(tmp_path, ckpt)[case]
+    image = tmp_path / "photo.jpg"
+    before = {p: p.read_bytes() for p in (image, ckpt)}
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the network was loaded before the arguments were checked")
+
+    monkeypatch.setattr("pipeline.predict.load_segmenter", no_work)
+    argv = ["--image", str(image), "--text", "the cube", "--checkpoint", str(ckpt)]
+    argv += [s for k, v in over.items() for s in (f"--{k}", v)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "tris-predict: error:" in err and "Traceback" not in err
+    for fragment in expected:
+        assert fragment in err
+    assert {p: p.read_bytes() for p in before} == before  # inputs untouched
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_overlay_in_bands_equals_the_whole_image_computation(monkeypatch):
+    """The banded overlay (bounded memory for large photos) gives the bytes of the one-shot formula."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (37, 23, 3), dtype=np.uint8)
+    mask = rng.random((37, 23)) > 0.5
+    monkeypatch.setattr("pipeline.predict.OVERLAY_BAND_BYTES", 23 * 3 * 4 * 5)  # 5-row bands
+    banded = overlay_mask(rgb, mask)
+    whole = rgb.astype(np.float32)
+    whole[mask] = 0.55 * whole[mask] + 0.45 * np.array([255, 40, 40], dtype=np.float32)
+    whole = whole.round().astype(np.uint8)
+    edge = mask & ~__import__("scipy.ndimage", fromlist=["x"]).binary_erosion(mask, iterations=1,
+                                                                               border_value=0)
+    whole[edge] = [255, 230, 0]
+    assert np.array_equal(banded, whole)

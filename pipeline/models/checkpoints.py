@@ -10,9 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pipeline.atomic import save_torch
+from pipeline.atomic import CheckpointError, load_torch, save_torch
 from pipeline.models.clip_artifact import load_clip
 from pipeline.models.clip_backbone import ClipBackbone, build_clip
 from pipeline.models.segmenter import ReferringSegmenter
@@ -39,7 +37,9 @@ def load_localiser(path: str | Path) -> tuple[TRISLocaliser, dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: Step-1 checkpoint missing; run the train_step1 stage")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = load_torch(path)  # weights only: a checkpoint is data, never code
+    if not isinstance(state, dict) or "model" not in state or "meta" not in state:
+        raise CheckpointError(f"{path} is not a Step-1 checkpoint (needs 'model' and 'meta')")
     model = build_localiser(state["meta"]["clip_dir"], state["meta"])
     model.load_state_dict(state["model"])
     return model.eval(), state["meta"]
@@ -64,9 +64,11 @@ def load_segmenter(checkpoint_path: str | Path) -> tuple[ReferringSegmenter, dic
 
     The CLIP is built without pretrained weights: every CLIP parameter is in the state dict anyway.
     """
-    ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    ckpt = load_torch(checkpoint_path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "meta" not in ckpt:
-        raise ValueError(f"{checkpoint_path} is not a Step-2 segmenter checkpoint (needs 'model' and 'meta')")
+        raise CheckpointError(
+            f"{checkpoint_path} is not a Step-2 segmenter checkpoint (needs 'model' and 'meta')"
+        )
     meta = ckpt["meta"]
     missing = [k for k in SEGMENTER_META_KEYS if k not in meta]
     if missing:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.atomic import save_torch
+from pipeline.atomic import CheckpointError, load_torch, save_torch
 from pipeline.distributed import SINGLE_PROCESS, DistContext
 from pipeline.progress import progress
 from pipeline.stage import StageTimer
@@ -94,14 +94,20 @@ def _restore_generator(gen: Generator, state: Any) -> None:
 
 
 def load_resume_state(path: Path, expected_fingerprint: str) -> dict | None:
-    """The saved state if it belongs to this exact configuration, else ``None`` (start fresh)."""
+    """The saved state if it belongs to this exact configuration, else ``None`` (start fresh).
+
+    Loaded weights-only (the state is tensors, state dicts and plain data; numpy generator states are
+    dicts of ints), so a planted ``resume.pt`` cannot run code; such a file, or a torn one, is reported
+    in one line and training starts afresh (it overwrites the file at the first epoch's checkpoint).
+    """
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # a torn or foreign file is not worth crashing over: retrain
+        state = load_torch(path)
+    except CheckpointError as err:  # a torn or foreign file is not worth crashing over: retrain
+        print(f"ignoring the resume state, training from scratch: {err}")
         return None
-    if state.get("fingerprint") != expected_fingerprint:
+    if not isinstance(state, dict) or state.get("fingerprint") != expected_fingerprint:
         return None
     return state
 
