@@ -51,3 +51,39 @@ def masked_object_ranking(frozen: FrozenClip, images: pd.DataFrame, refs: pd.Dat
         raise ValueError(f"split {split!r}: no image with two or more referred objects")
     return {"split": split, "rate": round(hits / total, 4), "chance": round(float(np.mean(chance)), 4),
             "n": total}
+
+
+@torch.no_grad()
+def expression_retrieval(frozen: FrozenClip, images: pd.DataFrame, sentences: pd.DataFrame, split: str,
+                         max_tokens: int, size: int, device: torch.device, candidates: int = 48,
+                         seed: int = 0) -> dict:
+    """How often the frozen CLIP scores a whole image highest against one of its own expressions among
+    ``candidates - 1`` expressions of other images: the classification premise of Eq. 7 (chance
+    ``1 / candidates``). Reads no mask; a diagnostic like ``masked_object_ranking``."""
+    split_sents = sentences[sentences["split"] == split].sort_values("sent_id", kind="stable")
+    image_ids = split_sents["image_id"].to_numpy()
+    unique_ids = np.unique(image_ids)
+    if len(unique_ids) < 2:
+        raise ValueError(f"split {split!r}: expression retrieval needs two or more images")
+    paths = images.set_index("image_id")["path"]
+    texts = split_sents["text"].tolist()
+    txt_emb = torch.cat([frozen.encode_text(tokenize(texts[i:i + 256], max_tokens).to(device))
+                         for i in range(0, len(texts), 256)])
+    rng = np.random.default_rng(seed)
+    hits, chance = 0, []
+    for start in range(0, len(unique_ids), 64):
+        chunk = unique_ids[start:start + 64]
+        batch = np.stack([stretch_resize(read_image_rgb(paths.loc[i]), size) for i in chunk])
+        img = frozen.encode_image(clip_normalize(
+            torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255).to(device)))
+        for row, image_id in enumerate(chunk):
+            own = np.flatnonzero(image_ids == image_id)
+            others = np.flatnonzero(image_ids != image_id)
+            negatives = rng.choice(others, min(candidates - 1, len(others)), replace=False)  # small splits
+            cand = np.concatenate([rng.choice(own, 1), negatives])
+            chance.append(1 / len(cand))
+            sims = txt_emb[torch.as_tensor(cand, device=device)] @ img[row]
+            hits += int(sims.argmax().item() == 0)
+    return {"split": split, "rate": round(hits / len(unique_ids), 4),
+            "chance": round(float(np.mean(chance)), 4),
+            "n": int(len(unique_ids)), "candidates": candidates}

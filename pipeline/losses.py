@@ -76,6 +76,8 @@ def calibration_loss(
     use_positive: bool = True,
     use_negative: bool = True,
     mode: SimilarityMode = "rescaled",
+    negative_reduction: Literal["sum", "mean"] = "sum",
+    negative_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Eq. 8: ``-(log S(pos) + sum_k log(1 - S(neg_k)))`` averaged over the batch.
 
@@ -83,10 +85,20 @@ def calibration_loss(
     (B, K, D)`` the ``K`` expressions of other objects of the same image; ``neg_valid (B, K)`` drops padding
     negatives. ``S`` is clamped into ``[1e-6, 1 - 1e-6]`` so the logs stay finite. The switches give the
     ablations of Table 6. The returned dict holds the detached batch means of the two terms.
+
+    Eq. 8 sums over the ``K`` negatives; the authors' released code averages them and weights the
+    average by 2 (``negative_reduction='mean'``, ``negative_weight=2``), which keeps the negative term
+    from outweighing the positive one ``K`` to one as ``K`` grows.
     """
     pos_term = -torch.log(calibration_similarity(masked_emb, pos_emb, mode).clamp(S_EPS, 1 - S_EPS))
     s_neg = calibration_similarity(masked_emb.unsqueeze(1), neg_emb, mode).clamp(S_EPS, 1 - S_EPS)
-    neg_term = -(torch.log(1 - s_neg) * neg_valid.to(s_neg.dtype)).sum(dim=1)
+    valid = neg_valid.to(s_neg.dtype)
+    neg_term = -(torch.log(1 - s_neg) * valid).sum(dim=1)
+    if negative_reduction == "mean":
+        neg_term = neg_term / valid.sum(dim=1).clamp(min=1)
+    elif negative_reduction != "sum":
+        raise ValueError(f"unknown negative_reduction {negative_reduction!r}")
+    neg_term = negative_weight * neg_term
     loss = masked_emb.sum() * 0  # keeps a graph even when both terms are switched off
     if use_positive:
         loss = loss + pos_term.mean()

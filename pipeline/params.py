@@ -141,6 +141,10 @@ class PretrainClipParams(_Strict):
     weight_decay: Float = Field(ge=0)
     warmup_steps: Int = Field(ge=0)
     erase_prob: Float = Field(ge=0, le=1, description="random blackout augmentation (no GT used)")
+    ris_images: Bool = Field(description="pretrain on the RIS train split's (image, expressions) pairs")
+    caption_images: Int = Field(ge=0, description="extra captioned pictures drawn from the synthetic world "
+                                "with their own seed stream (pipeline/data/captions.py); 0 = none")
+    caption_objects: tuple[Int, Int] = Field(description="objects per captioned picture (lower, upper)")
 
 
 class OptimParams(_Strict):
@@ -177,6 +181,14 @@ class Step1Params(OptimParams):
     )
     focal_power: Float
     focal_eps: Float
+    calibration_negative_reduction: Literal["sum", "mean"] = Field(
+        description="Eq. 8 sums over the K negatives (paper); the authors' code averages them")
+    calibration_negative_weight: Float = Field(ge=0, description="weight of the Eq. 8 negative term "
+                                               "(authors' code: 2, with the mean)")
+    feature_stride: Literal[16, 32] = Field(
+        description="output stride of the Step-1 feature map; 16 drops layer4's average pools (ResNet)")
+    temperature: Float = Field(gt=0, description="tau of Eq. 2 (its initial value when learned)")
+    learn_temperature: Bool = Field(description="learn tau (paper) or keep it fixed (authors' code)")
 
 
 class DumpParams(_Strict):

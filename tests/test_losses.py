@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.losses import (
     calibration_loss,
@@ -106,3 +107,20 @@ def test_calibration_gradient_reaches_response_not_frozen_clip():
     loss.backward()
     assert response.grad is not None and response.grad.abs().sum() > 0
     assert all(p.grad is None for p in frozen.parameters())
+
+
+def test_calibration_negative_mean_and_weight_follow_the_authors_code():
+    torch.manual_seed(0)
+    masked, pos, neg = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 4, 8)
+    valid = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    _, summed = calibration_loss(masked, pos, neg, valid, mode="rescaled")
+    _, mean2 = calibration_loss(masked, pos, neg, valid, mode="rescaled", negative_reduction="mean",
+                                negative_weight=2.0)
+    s_neg = ((1 + F.cosine_similarity(masked.unsqueeze(1), neg, dim=-1)) / 2).clamp(1e-6, 1 - 1e-6)
+    per_row = -(torch.log(1 - s_neg) * valid).sum(dim=1)
+    assert float(summed["cal_neg"]) == pytest.approx(float(per_row.mean()), rel=1e-5)
+    expected = (2.0 * per_row / valid.sum(dim=1)).mean()
+    assert float(mean2["cal_neg"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(mean2["cal_pos"]) == pytest.approx(float(summed["cal_pos"]))
+    with pytest.raises(ValueError, match="negative_reduction"):
+        calibration_loss(masked, pos, neg, valid, negative_reduction="max")

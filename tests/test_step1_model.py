@@ -148,3 +148,16 @@ def test_param_groups_partition_all_parameters():
     assert ids_backbone | ids_new == {id(p) for p in model.parameters()}
     assert id(model.logit_temperature) in ids_new and id(model.prompt.w3l.weight) in ids_new
     assert id(model.vis_proj.weight) in ids_new and id(model.lan_proj.weight) in ids_new
+
+
+def test_fixed_temperature_is_a_buffer_outside_the_optimised_groups():
+    torch.manual_seed(0)
+    backbone = ClipBackbone(build_clip("tiny-rn", None, tiny=TINY_RN))
+    fixed = TRISLocaliser(backbone, hidden_dim=4, init_temperature=10.0, learn_temperature=False)
+    _, new = fixed.param_groups()
+    assert all(p is not fixed.logit_temperature for p in new)
+    assert not fixed.logit_temperature.requires_grad
+    assert "logit_temperature" in fixed.state_dict()  # same key as the learnable version
+    assert float(fixed.temperature) == pytest.approx(10.0)
+    learnable = _localiser()
+    assert any(p is learnable.logit_temperature for p in learnable.param_groups()[1])

@@ -28,8 +28,10 @@ def save_localiser(path: Path, model: TRISLocaliser, meta: dict) -> None:
 
 def build_localiser(clip_dir: str | Path, meta: dict) -> TRISLocaliser:
     """A localiser initialised from the CLIP of ``clip_dir`` (Step-1 starts here)."""
-    return TRISLocaliser(ClipBackbone(load_clip(clip_dir)), meta["hidden_dim"], prompt=meta["prompt"],
-                         alpha=meta["alpha"], beta=meta["beta"])
+    backbone = ClipBackbone(load_clip(clip_dir), dense_stride=meta.get("feature_stride", 32))
+    return TRISLocaliser(backbone, meta["hidden_dim"], prompt=meta["prompt"], alpha=meta["alpha"],
+                         beta=meta["beta"], init_temperature=meta.get("temperature", 1 / 0.07),
+                         learn_temperature=meta.get("learn_temperature", True))
 
 
 def load_localiser(path: str | Path) -> tuple[TRISLocaliser, dict]:

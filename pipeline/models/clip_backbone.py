@@ -180,6 +180,21 @@ def _interpolate_grid(
     return grid.permute(0, 2, 3, 1).reshape(dst[0] * dst[1], -1)
 
 
+def _drop_layer4_pooling(visual: ModifiedResNet) -> None:
+    """Turn layer4's stride-2 average pools (main path and shortcut) into identities: stride 16.
+
+    A ModifiedResNet downsamples with an ``AvgPool2d`` after the 3x3 conv of each first block instead of a
+    strided conv, so removing layer4's two pools keeps every weight meaningful while halving the output
+    stride (the dilation trick of DeepLab without dilating anything: the 1x1 convs after the pool see the
+    same features at twice the density). Step-1 maps then have 2x the resolution at the same input size.
+    """
+    block = visual.layer4[0]
+    if isinstance(block.avgpool, nn.AvgPool2d):
+        block.avgpool = nn.Identity()
+    if block.downsample is not None and isinstance(block.downsample[0], nn.AvgPool2d):
+        block.downsample[0] = nn.Identity()
+
+
 class ClipBackbone(nn.Module):
     """Feature views of a CLIP model needed by TRIS Step 1 and Step 2 (module docstring explains why).
 
@@ -188,11 +203,18 @@ class ClipBackbone(nn.Module):
     the four ``stage_features`` levels), ``is_resnet``.
     """
 
-    def __init__(self, clip: CLIP) -> None:
+    def __init__(self, clip: CLIP, dense_stride: int = 32) -> None:
         super().__init__()
         self.clip = clip
         visual = clip.visual
         self.is_resnet = isinstance(visual, ModifiedResNet)
+        if dense_stride not in (16, 32):
+            raise ValueError(f"dense_stride must be 16 or 32, got {dense_stride}")
+        if dense_stride == 16:
+            if not self.is_resnet:
+                raise ValueError("dense_stride 16 needs a ModifiedResNet image tower")
+            _drop_layer4_pooling(visual)
+        self.dense_stride = dense_stride
         if self.is_resnet:
             self.stage_channels = [layer[-1].conv3.out_channels for layer in self._res_layers()]
             self.visual_channels = self.stage_channels[-1]

@@ -67,6 +67,7 @@ class TRISLocaliser(nn.Module):
         alpha: float = 0.1,
         beta: float = 0.1,
         init_temperature: float = 1 / 0.07,
+        learn_temperature: bool = True,
     ) -> None:
         super().__init__()
         if prompt not in ("bilateral", "t2v", "v2t", "none"):
@@ -78,8 +79,14 @@ class TRISLocaliser(nn.Module):
         self.vis_proj = nn.Conv2d(backbone.visual_channels, hidden_dim, kernel_size=1)
         self.lan_proj = nn.Linear(backbone.text_channels, hidden_dim)
         self.prompt = BilateralPrompt(hidden_dim) if prompt != "none" else None
-        # Learnable tau of Eq. 2, log-parametrised like CLIP's logit scale.
-        self.logit_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+        # tau of Eq. 2, log-parametrised like CLIP's logit scale. The paper learns it; the authors' code keeps
+        # it fixed. It also sets the sharpness of the Eq. 9 soft mask sigmoid(up(R)), so a learnable tau lets
+        # calibration trade map shape for mask contrast; a buffer keeps the same state-dict key either way.
+        log_tau = torch.tensor(math.log(init_temperature))
+        if learn_temperature:
+            self.logit_temperature = nn.Parameter(log_tau)
+        else:
+            self.register_buffer("logit_temperature", log_tau)
 
     @torch.no_grad()
     def init_projectors_from_clip(self) -> bool:
@@ -111,7 +118,9 @@ class TRISLocaliser(nn.Module):
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(pretrained backbone params, new params) so the backbone can get a smaller learning rate."""
-        new = list(self.vis_proj.parameters()) + list(self.lan_proj.parameters()) + [self.logit_temperature]
+        new = list(self.vis_proj.parameters()) + list(self.lan_proj.parameters())
+        if isinstance(self.logit_temperature, nn.Parameter):
+            new.append(self.logit_temperature)
         if self.prompt is not None:
             new += list(self.prompt.parameters())
         return list(self.backbone.parameters()), new

@@ -31,7 +31,8 @@ def localiser_meta(params: Params, clip_dir: str) -> dict:
     p = params.step1
     return {"clip_dir": clip_dir, "hidden_dim": params.model.hidden_dim, "prompt": p.prompt,
             "alpha": p.alpha, "beta": p.beta, "input_size": p.input_size,
-            "max_tokens": params.model.max_tokens}
+            "max_tokens": params.model.max_tokens, "feature_stride": p.feature_stride,
+            "temperature": p.temperature, "learn_temperature": p.learn_temperature}
 
 
 class CalibrationNegatives:
@@ -139,7 +140,8 @@ class Step1Training(SentenceTraining):
                 masked_emb.float(), self.text_emb[rows[local]], self.text_emb[neg_rows],
                 torch.ones(neg_rows.shape, dtype=torch.bool, device=device),
                 use_positive=p.calibration_positive, use_negative=p.calibration_negative,
-                mode=p.calibration_score,
+                mode=p.calibration_score, negative_reduction=p.calibration_negative_reduction,
+                negative_weight=p.calibration_negative_weight,
             )
             loss = loss + l_cal
             terms.update(cal=l_cal, **cal_terms)

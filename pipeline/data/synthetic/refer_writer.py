@@ -54,16 +54,16 @@ def _raw_variant(text: str, rng: np.random.Generator) -> str:
 
 
 @dataclass
-class _Scene:
+class Scene:
     height: int
     width: int
     objects: list[SceneObject]
     expressions: list[list[Expr]]
 
 
-def _make_scene(rng: np.random.Generator, image_side: tuple[int, int], objects_per_image: tuple[int, int],
+def sample_scene(rng: np.random.Generator, image_side: tuple[int, int], objects_per_image: tuple[int, int],
                 object_scale: tuple[float, float], expressions_per_object: tuple[int, int],
-                distractor_rate: float, family_weights: dict[str, float] | None = None) -> tuple[_Scene, int]:
+                distractor_rate: float, family_weights: dict[str, float] | None = None) -> tuple[Scene, int]:
     """Sample a scene whose every object gets at least one unique expression; return it and the retries."""
     for retry in range(1000):
         width = int(rng.integers(image_side[0], image_side[1] + 1))
@@ -79,7 +79,7 @@ def _make_scene(rng: np.random.Generator, image_side: tuple[int, int], objects_p
             chosen.append(choose_expressions(candidate_expressions(t, objs, anchors), max(k, 1), rng,
                                              family_weights))
         if all(chosen):
-            return _Scene(height, width, objs, chosen), retry
+            return Scene(height, width, objs, chosen), retry
     raise RuntimeError("could not sample a describable scene in 1000 tries; relax objects_per_image / "
                        "object_scale / image_side")
 
@@ -107,7 +107,7 @@ def generate_synthetic_refer(out_root: Path, *, dataset: str, split_by: str, num
     ann_id = ref_id = sent_id = 0
     for image_id in range(1, num_images + 1):
         rng = np.random.default_rng([seed, 2, image_id])
-        scene, tries = _make_scene(rng, image_side, objects_per_image, object_scale, expressions_per_object,
+        scene, tries = sample_scene(rng, image_side, objects_per_image, object_scale, expressions_per_object,
                                    distractor_rate, family_weights)
         retries += tries
         pixels, rles = paint(rng, scene.height, scene.width, scene.objects)
