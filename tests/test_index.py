@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from PIL import ImageFile
 from refer_fixture import (
     EXPECTED,
@@ -20,6 +19,7 @@ from refer_fixture import (
     polygon_area,
     write_refer_fixture,
 )
+from tiny_pipeline import write_params
 
 from pipeline.data.images import UnreadableImageError, decoded_size, read_image_rgb
 from pipeline.data.index import build_index, decode_mask, load_index, write_index
@@ -205,8 +205,7 @@ def test_crash_while_writing_leaves_no_partial_index(built, tmp_path, monkeypatc
 
 
 def test_synthesize_and_index_stages_end_to_end(in_tmp_cwd, repo_root):
-    params = {"synthesize": {"num_images": 8}, "base": {"seed": 4}}
-    (in_tmp_cwd / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(in_tmp_cwd, {"synthesize": {"num_images": 8}, "base": {"seed": 4}})
     runpy.run_path(str(repo_root / "stages" / "synthesize.py"))["main"]()
     runpy.run_path(str(repo_root / "stages" / "index.py"))["main"]()
     summary = json.loads(Path("artifacts/synthetic/summary.json").read_text())
