@@ -1,0 +1,187 @@
+"""Hostile and careless input (issue 15): every problem stops `index` naming file, field and id, or is
+skipped and counted; params that name splits are checked before training; pixels and masks share one
+space whatever the EXIF orientation; no code runs from a data file.
+
+Each test id names its case. Built on the REFER fixture (tests/refer_fixture.py), edited per case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import runpy
+import struct
+from pathlib import Path
+
+import pytest
+from refer_fixture import NON_ASCII_TEXT, write_refer_fixture
+from tiny_pipeline import write_params
+
+from pipeline.data.index import build_index
+from pipeline.data.refer import load_refer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _fixture(tmp_path: Path) -> Path:
+    write_refer_fixture(tmp_path, with_bad_cases=False)
+    return tmp_path
+
+
+def _read(root: Path) -> tuple[list[dict], dict]:
+    refs = pickle.loads((root / "refcoco" / "refs(unc).p").read_bytes())
+    instances = json.loads((root / "refcoco" / "instances.json").read_text(encoding="utf-8"))
+    return refs, instances
+
+
+def _write(root: Path, refs: list[dict], instances: dict) -> None:
+    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs))
+    (root / "refcoco" / "instances.json").write_text(json.dumps(instances), encoding="utf-8")
+
+
+def _by_id(items: list[dict], ident: int, key: str = "id") -> dict:
+    return next(item for item in items if item[key] == ident)
+
+
+def _index(root: Path) -> tuple[dict, dict]:
+    refs, instances = load_refer(root, "refcoco", "unc")
+    return build_index(refs, instances, root / "images", workers=1)
+
+
+# --------------------------------------------------------------------------- structural faults: stop
+def _duplicate_sent_id(refs, instances):
+    _by_id(refs, 201, "ref_id")["sentences"][0]["sent_id"] = 1  # ref 101 already has sent_id 1
+
+
+def _duplicate_ref_id(refs, instances):
+    _by_id(refs, 201, "ref_id")["ref_id"] = 101
+
+
+def _image_without_width(refs, instances):
+    del _by_id(instances["images"], 3)["width"]
+
+
+def _ref_image_id_three(refs, instances):
+    _by_id(refs, 201, "ref_id")["image_id"] = "three"
+
+
+def _image_entry_id_three(refs, instances):
+    _by_id(instances["images"], 3)["id"] = "three"
+
+
+def _duplicate_image_id(refs, instances):
+    _by_id(instances["images"], 3)["id"] = 2
+
+
+def _duplicate_annotation_id(refs, instances):
+    _by_id(instances["annotations"], 21)["id"] = 11
+
+
+def _file_name(name):
+    def edit(refs, instances):
+        _by_id(instances["images"], 2)["file_name"] = name
+    return edit
+
+
+STRUCTURAL = {
+    # case id: (edit, file named, what the message must say)
+    "duplicate_sent_id": (_duplicate_sent_id, "refs(unc).p", "sent_id 1 occurs twice"),
+    "duplicate_ref_id": (_duplicate_ref_id, "refs(unc).p", "ref_id 101 occurs twice"),
+    "image_entry_without_width": (_image_without_width, "instances.json", "image 3 lacks 'width'"),
+    "ref_image_id_three": (_ref_image_id_three, "refs(unc).p", "ref 201 has image_id 'three'"),
+    "image_entry_id_three": (_image_entry_id_three, "instances.json", "has id 'three'"),
+    "duplicate_image_id": (_duplicate_image_id, "instances.json", "image id 2 occurs twice"),
+    "duplicate_annotation_id": (_duplicate_annotation_id, "instances.json", "annotation id 11 occurs twice"),
+    "file_name_dotdot_escapes_image_dir": (_file_name("../grey_2.jpg"), "instances.json", "'../grey_2.jpg'"),
+    "file_name_nested_dotdot_escapes_image_dir": (_file_name("a/../../grey_2.jpg"), "instances.json",
+                                                  "leaves the image folder"),
+    "file_name_absolute_escapes_image_dir": (_file_name("/etc/passwd"), "instances.json", "'/etc/passwd'"),
+    "file_name_windows_absolute_escapes_image_dir": (_file_name("C:\\x.jpg"), "instances.json",
+                                                     "leaves the image folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(STRUCTURAL))
+def test_structural_fault_stops_index_naming_file_field_and_id(tmp_path, case):
+    edit, file_name, message = STRUCTURAL[case]
+    root = _fixture(tmp_path)
+    refs, instances = _read(root)
+    edit(refs, instances)
+    _write(root, refs, instances)
+    with pytest.raises(ValueError) as err:
+        _index(root)
+    assert file_name in str(err.value) and message in str(err.value), str(err.value)
+
+
+def test_duplicate_sent_id_stops_the_index_stage_in_one_line(tmp_path, in_tmp_cwd, monkeypatch):
+    """The stage itself exits with the message (no traceback), and writes no index."""
+    root = _fixture(tmp_path / "data")
+    refs, instances = _read(root)
+    _duplicate_sent_id(refs, instances)
+    _write(root, refs, instances)
+    write_params(in_tmp_cwd, {"data": {"source": "refer", "refer": {
+        "root": str(root), "dataset": "refcoco", "split_by": "unc", "image_dir": str(root / "images")}}})
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "stages" / "index.py"), run_name="__main__")
+    message = str(exit_.value.code)
+    assert message.startswith("index: ") and "\n" not in message
+    assert "refs(unc).p" in message and "sent_id 1" in message
+    assert not (in_tmp_cwd / "artifacts" / "index").exists()
+
+
+# ------------------------------------------------------------------------ code from a data file: refused
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_reduce_payload_is_refused_without_running(tmp_path):
+    root = _fixture(tmp_path / "data")
+    marker = tmp_path / "pwned"
+    refs, _ = _read(root)
+    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps([_Payload(marker), *refs], protocol=2))
+    with pytest.raises(ValueError) as err:
+        load_refer(root, "refcoco", "unc")
+    assert not marker.exists()
+    assert "refs(unc).p" in str(err.value) and "refused" in str(err.value) and "system" in str(err.value)
+
+
+def _py2_binary(obj) -> bytes:
+    """Protocol-2 opcodes as Python 2's cPickle wrote REFER's refs: ``str`` values as UTF-8 byte strings."""
+    if isinstance(obj, bool) or obj is None:
+        raise TypeError(obj)
+    if isinstance(obj, int):
+        return b"J" + struct.pack("<i", obj)
+    if isinstance(obj, float):
+        return b"G" + struct.pack(">d", obj)
+    if isinstance(obj, str):
+        data = obj.encode("utf-8")
+        return (b"U" + bytes([len(data)]) if len(data) < 256 else b"T" + struct.pack("<I", len(data))) + data
+    if isinstance(obj, list):
+        return b"](" + b"".join(_py2_binary(x) for x in obj) + b"e"
+    return b"}(" + b"".join(_py2_binary(k) + _py2_binary(v) for k, v in obj.items()) + b"u"
+
+
+def test_python2_protocol2_refer_pickle_still_loads(tmp_path):
+    root = _fixture(tmp_path)
+    refs, _ = _read(root)
+    _by_id(refs, 102, "ref_id")["sentences"][0]["raw"] = NON_ASCII_TEXT
+    (root / "refcoco" / "refs(unc).p").write_bytes(b"\x80\x02" + _py2_binary(refs) + b".")
+    loaded, _ = load_refer(root, "refcoco", "unc")
+    assert loaded == refs
+    assert _by_id(loaded, 102, "ref_id")["sentences"][0]["sent"] == NON_ASCII_TEXT
+
+
+def test_python3_protocol2_pickle_with_bytes_and_sets_still_loads(tmp_path):
+    """Python 3 pickles bytes (protocol <= 2) through ``_codecs.encode`` and sets through ``builtins.set``."""
+    root = _fixture(tmp_path)
+    refs, _ = _read(root)
+    refs[0]["extra"] = {"raw": b"bytes", "tags": {1, 2}, "pair": (1.5, None, True)}
+    (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    loaded, _ = load_refer(root, "refcoco", "unc")
+    assert loaded == refs
