@@ -36,9 +36,11 @@ EXPECTED = {
                   "val": {"images": 1, "refs": 1, "sentences": 2},
                   "testA": {"images": 1, "refs": 1, "sentences": 1},
                   "testB": {"images": 1, "refs": 1, "sentences": 1}},
-    "skipped": {"image_missing_from_instances": 1, "annotation_missing": 1, "image_missing_on_disk": 1,
-                "image_unreadable": 1, "image_size_mismatch": 1, "segmentation_invalid": 0,
-                "empty_sentence": 3, "ref_without_sentences": 1},
+    "skipped": {"image_missing_from_instances": 1, "annotation_missing": 1, "annotation_from_other_image": 0,
+                "split_missing": 0, "image_missing_on_disk": 1, "image_unreadable": 1,
+                "image_size_mismatch": 1, "bbox_invalid": 0, "segmentation_invalid": 0,
+                "segmentation_empty": 0, "segmentation_outside_image": 0, "empty_sentence": 3,
+                "ref_without_sentences": 1},
     "sizes": {1: (64, 48), 2: (40, 30), 3: (36, 28), 4: (40, 60)},  # (width, height) upright
     "areas": {101: 768.0, 102: 342.0, 201: 260.0, 301: 160.0, 401: 1120.0},
 }

@@ -185,3 +185,57 @@ def test_python3_protocol2_pickle_with_bytes_and_sets_still_loads(tmp_path):
     (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
     loaded, _ = load_refer(root, "refcoco", "unc")
     assert loaded == refs
+
+
+# --------------------------------------------------------------- one object's bad ground truth: skipped
+def _ann(instances, ann_id):
+    return _by_id(instances["annotations"], ann_id)
+
+
+SKIPPED = {
+    # case id: (edit, skip reason, ref skipped)
+    "annotation_from_another_image": (lambda refs, inst: _ann(inst, 11).update(image_id=2),
+                                      "annotation_from_other_image", 101),
+    "bbox_outside_image": (lambda refs, inst: _ann(inst, 11).update(bbox=[60, 40, 32, 24]),
+                           "bbox_invalid", 101),
+    "bbox_zero_size": (lambda refs, inst: _ann(inst, 11).update(bbox=[8, 8, 0, 24]), "bbox_invalid", 101),
+    "zero_area_polygon": (lambda refs, inst: _ann(inst, 12).update(segmentation=[[10, 10, 20, 20, 30, 30]]),
+                          "segmentation_empty", 102),
+    "off_image_polygon": (lambda refs, inst: _ann(inst, 12).update(
+        segmentation=[[100, 100, 120, 100, 120, 130]]),
+                          "segmentation_outside_image", 102),
+    "partly_off_image_polygon": (lambda refs, inst: _ann(inst, 12).update(
+        segmentation=[[50, 10, 90, 10, 90, 30, 50, 30]]), "segmentation_outside_image", 102),
+    "split_none": (lambda refs, inst: _by_id(refs, 201, "ref_id").update(split=None), "split_missing", 201),
+    "invalid_rle_counts_string": (lambda refs, inst: _ann(inst, 31).update(
+        segmentation={"size": [28, 36], "counts": "garbage!!"}), "segmentation_invalid", 301),
+    "invalid_rle_counts_list": (lambda refs, inst: _ann(inst, 31).update(
+        segmentation={"size": [28, 36], "counts": [5, 3, 2000]}), "segmentation_invalid", 301),
+}
+
+
+@pytest.mark.parametrize("case", list(SKIPPED))
+def test_bad_ground_truth_is_skipped_and_counted(tmp_path, case):
+    edit, reason, ref_id = SKIPPED[case]
+    root = _fixture(tmp_path)
+    refs, instances = _read(root)
+    edit(refs, instances)
+    _write(root, refs, instances)
+    tables, report = _index(root)
+    kept = tables["refs"].column("ref_id").to_pylist()
+    assert ref_id not in kept and len(kept) == 4
+    assert report["skipped"][reason] == 1
+    assert str(report["examples"][reason][0]).startswith(str(ref_id))
+    assert ref_id not in tables["sentences"].column("ref_id").to_pylist()
+
+
+def test_bbox_and_polygon_on_the_border_are_kept(tmp_path):
+    """COCO coordinates are floats: a box or vertex at the very edge (or half a pixel past it) is fine."""
+    root = _fixture(tmp_path)
+    before = _index(root)[1]["skipped"]
+    refs, instances = _read(root)
+    _ann(instances, 11).update(bbox=[0, 0, 64, 48])
+    _ann(instances, 12).update(segmentation=[[44.0, 0.0, 64.5, 48.4, 44.0, 48.0]])
+    _write(root, refs, instances)
+    tables, report = _index(root)
+    assert report["skipped"] == before and tables["refs"].num_rows == 5
