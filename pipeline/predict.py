@@ -50,7 +50,7 @@ def predict_mask(
     defaults to the model's; giving another moves the model there. The model runs in eval mode and
     its previous train/eval mode is restored afterwards.
     """
-    rgb = read_image_rgb(image) if isinstance(image, (str, Path)) else np.asarray(image)
+    rgb = read_image_rgb(image, exif_transpose=True) if isinstance(image, (str, Path)) else np.asarray(image)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"image must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
     if device is None:
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(parser, f"argument --checkpoint: file not found: {ckpt_path} "
                              "(train Step-2 first: dvc repro)")
     try:
-        rgb = read_image_rgb(image_path)
+        rgb = read_image_rgb(image_path, exif_transpose=True)
     except UnreadableImageError as exc:  # its message names the file and the decoder's complaint
         return _fail(parser, f"argument --image: {exc}")
     try:

@@ -15,10 +15,12 @@ import struct
 from pathlib import Path
 
 import pytest
+from PIL import Image, ImageDraw
 from refer_fixture import NON_ASCII_TEXT, write_refer_fixture
 from tiny_pipeline import write_params
 
-from pipeline.data.index import build_index
+from pipeline.data.images import decoded_size, read_image_rgb
+from pipeline.data.index import build_index, decode_mask
 from pipeline.data.refer import load_refer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,3 +241,80 @@ def test_bbox_and_polygon_on_the_border_are_kept(tmp_path):
     _write(root, refs, instances)
     tables, report = _index(root)
     assert report["skipped"] == before and tables["refs"].num_rows == 5
+
+
+# ----------------------------------------------------------------------------- EXIF: one pixel space
+STORED_W, STORED_H = 48, 32
+BOX = (4, 6, 20, 16)  # x0, y0, x1, y1 of the red object, in stored pixels
+
+
+def _exif_dataset(root: Path, orientation: int, size: tuple[int, int], instances_size=None) -> Path:
+    """One image stored at ``size`` with a red box and EXIF ``orientation``, annotated as stored (COCO)."""
+    image_dir = root / "images"
+    image_dir.mkdir(parents=True)
+    image = Image.new("RGB", size, (90, 90, 90))
+    ImageDraw.Draw(image).rectangle([BOX[0], BOX[1], BOX[2] - 1, BOX[3] - 1], fill=(220, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image.save(image_dir / "photo.jpg", quality=95, exif=exif)
+    width, height = instances_size or size
+    x0, y0, x1, y1 = BOX
+    instances = {"images": [{"id": 1, "file_name": "photo.jpg", "width": width, "height": height}],
+                 "annotations": [{"id": 1, "image_id": 1, "category_id": 1,
+                                  "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+                                  "bbox": [x0, y0, x1 - x0, y1 - y0]}],
+                 "categories": [{"id": 1, "name": "box"}]}
+    refs = [{"ref_id": 1, "ann_id": 1, "image_id": 1, "split": "val", "category_id": 1,
+             "sentences": [{"sent_id": 1, "sent": "the red box", "raw": "the red box"}], "sent_ids": [1]}]
+    (root / "refcoco").mkdir()
+    _write(root, refs, instances)
+    return image_dir / "photo.jpg"
+
+
+def _aligned_iou(path: Path, tables) -> float:
+    """IoU of the indexed mask with the red pixels, both as the pipeline reads them."""
+    row = tables["refs"].to_pylist()[0]
+    mask = decode_mask(row)
+    pixels = read_image_rgb(path)
+    assert pixels.shape[:2] == mask.shape
+    red = (pixels[..., 0] > 160) & (pixels[..., 1] < 100)
+    return float((mask & red).sum() / (mask | red).sum())
+
+
+@pytest.mark.parametrize("orientation", range(1, 9), ids=[f"exif_orientation_{k}" for k in range(1, 9)])
+def test_exif_orientation_pixels_and_masks_share_one_space(tmp_path, orientation):
+    path = _exif_dataset(tmp_path, orientation, (STORED_W, STORED_H))
+    tables, report = _index(tmp_path)
+    assert report["kept"]["refs"] == 1, report["skipped"]
+    image = tables["images"].to_pylist()[0]
+    assert (image["width"], image["height"]) == (STORED_W, STORED_H) == decoded_size(path)
+    assert _aligned_iou(path, tables) > 0.9
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8],
+                         ids=[f"square_image_exif_orientation_{k}" for k in (3, 6, 8)])
+def test_square_exif_image_pixels_and_masks_share_one_space(tmp_path, orientation):
+    path = _exif_dataset(tmp_path, orientation, (40, 40))
+    tables, report = _index(tmp_path)
+    assert report["kept"]["refs"] == 1
+    assert _aligned_iou(path, tables) > 0.9
+
+
+def test_exif_rotated_image_annotated_upright_is_a_counted_size_mismatch(tmp_path):
+    """instances.json giving the upright size of a 90-degree image is not the stored space: skipped."""
+    _exif_dataset(tmp_path, 6, (STORED_W, STORED_H), instances_size=(STORED_H, STORED_W))
+    tables, report = _index(tmp_path)
+    assert report["kept"]["refs"] == 0 and report["skipped"]["image_size_mismatch"] == 1
+
+
+def test_upright_reading_is_explicit_and_only_on_request(tmp_path):
+    path = _exif_dataset(tmp_path, 6, (STORED_W, STORED_H))
+    assert read_image_rgb(path).shape == (STORED_H, STORED_W, 3)
+    assert read_image_rgb(path, exif_transpose=True).shape == (STORED_W, STORED_H, 3)
+
+
+def test_every_image_reader_goes_through_read_image_rgb():
+    """One reader decides the pixel space: no other module opens images itself."""
+    offenders = [str(p.relative_to(ROOT)) for d in ("pipeline", "stages") for p in (ROOT / d).rglob("*.py")
+                 if "Image.open(" in p.read_text(encoding="utf-8") and p.name != "images.py"]
+    assert offenders == []

@@ -10,7 +10,10 @@ belongs to another image; whose ``split`` is not a name; whose bbox is not insid
 is invalid (RLE counts that do not decode), empty (a zero-area polygon) or outside the image; and empty
 sentences.
 
-Tables (fixed schemas in :mod:`pipeline.data.tables`):
+Pixels and masks share one space: the image as stored, without EXIF orientation (the COCO/REFER
+convention; see :mod:`pipeline.data.images`). An EXIF-rotated image whose ``instances.json`` size is
+the upright one is therefore a size mismatch, never a silently misaligned mask. Tables (fixed schemas
+in :mod:`pipeline.data.tables`):
 
 - ``images.parquet``: image_id int64, file_name string, path string, width int32, height int32
 - ``refs.parquet``: ref_id int64, ann_id int64, image_id int64, split string, category_id int32,
