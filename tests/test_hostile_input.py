@@ -20,8 +20,9 @@ from refer_fixture import NON_ASCII_TEXT, write_refer_fixture
 from tiny_pipeline import write_params
 
 from pipeline.data.images import decoded_size, read_image_rgb
-from pipeline.data.index import build_index, decode_mask
+from pipeline.data.index import build_index, decode_mask, write_index
 from pipeline.data.refer import load_refer
+from pipeline.data.splits import eval_splits_problem, require_eval_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -318,3 +319,68 @@ def test_every_image_reader_goes_through_read_image_rgb():
     offenders = [str(p.relative_to(ROOT)) for d in ("pipeline", "stages") for p in (ROOT / d).rglob("*.py")
                  if "Image.open(" in p.read_text(encoding="utf-8") and p.name != "images.py"]
     assert offenders == []
+
+
+# ------------------------------------------------------------------- params that name splits: checked
+SPLITS = ["train", "val", "test"]  # RefCOCOg's
+
+
+@pytest.mark.parametrize("eval_splits, named", [
+    (["val", "testA", "testB"], "'testA'"),   # eval split the data lacks (RefCOCOg with the default)
+    (["vall"], "'vall'"),                      # typo
+    ([], "empty"),                             # nothing to evaluate
+    (["val", "val"], "'val' twice"),
+], ids=["eval_split_the_data_lacks", "eval_splits_typo", "eval_splits_empty", "eval_splits_duplicate"])
+def test_eval_splits_problem_names_the_key_the_value_and_the_splits(eval_splits, named):
+    problem = eval_splits_problem(eval_splits, SPLITS)
+    assert problem is not None and problem.startswith("data.eval_splits") and named in problem
+    assert "\n" not in problem
+    if named != "'val' twice":
+        assert "train, val, test" in problem
+
+
+def test_eval_splits_that_exist_pass():
+    assert eval_splits_problem(["val", "test"], SPLITS) is None
+
+
+@pytest.fixture
+def fixture_index(tmp_path, in_tmp_cwd):
+    """A REFER-fixture index at artifacts/index of the working directory (splits train/val/testA/testB)."""
+    root = _fixture(tmp_path / "data")
+    write_index(in_tmp_cwd / "artifacts" / "index", *_index(root))
+    return in_tmp_cwd
+
+
+@pytest.mark.parametrize("eval_splits", [["vall"], [], ["val", "test"]],
+                         ids=["eval_splits_typo", "eval_splits_empty", "eval_split_the_data_lacks"])
+def test_pretrain_clip_stops_before_training_on_bad_eval_splits(fixture_index, monkeypatch, eval_splits):
+    import pipeline.train.clip_pretrain as clip_pretrain
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("pretrain_clip started training with bad data.eval_splits")
+
+    monkeypatch.setattr(clip_pretrain, "pretrain_clip", no_training)
+    write_params(fixture_index, {"data": {"eval_splits": eval_splits}})
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "stages" / "pretrain_clip.py"), run_name="__main__")
+    message = str(exit_.value.code)
+    assert message.startswith("pretrain_clip: data.eval_splits") and "\n" not in message
+    assert not (fixture_index / "artifacts" / "clip").exists()
+
+
+def test_require_eval_splits_exits_in_one_line(fixture_index):
+    from pipeline.data.index import load_index
+
+    index = load_index("artifacts/index")
+    assert require_eval_splits("x", index, ["val", "testA"]) == ["val", "testA"]
+    expected = r"^dump_responses: data.eval_splits names 'test', .*\(it has: train, val, testA, testB\)$"
+    with pytest.raises(SystemExit, match=expected):
+        require_eval_splits("dump_responses", index, ["test"])
+
+
+def test_every_stage_reading_eval_splits_checks_them_first():
+    for script in sorted((ROOT / "stages").glob("*.py")):
+        reads = [line for line in script.read_text(encoding="utf-8").splitlines()
+                 if "params.data.eval_splits" in line]
+        if reads:
+            assert "require_eval_splits(" in reads[0], f"{script.name} uses data.eval_splits unchecked"

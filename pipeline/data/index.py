@@ -196,6 +196,11 @@ def _split_key(split: str) -> tuple[int, str]:
     return _SPLIT_ORDER.get(split, len(_SPLIT_ORDER)), split
 
 
+def split_names(index: Index) -> list[str]:
+    """The splits that have at least one kept ref, in the usual order (train, val, test, testA, ...)."""
+    return sorted({str(s) for s in index.refs["split"]}, key=_split_key)
+
+
 def build_index(refs: list[dict], instances: dict, image_dir: str | Path,
                 workers: int = 8) -> tuple[dict[str, pa.Table], dict]:
     """Join refs, annotations and decoded image sizes into the three tables plus a skip report.
