@@ -2,9 +2,11 @@
 
 ``python -m pipeline.predict --image IMG --text "the man on the left" --out mask.png [--overlay o.png]``
 
-The image goes through the same preprocessing as Step-2 training (``read_image_rgb``: EXIF-upright RGB;
-``stretch_resize`` to the square input size; CLIP normalisation); the probability map is resized back to
-the original (height, width), so the written mask lines up with the file the user passed. The Step-2
+The image goes through the same preprocessing as Step-2 training (``read_image_rgb``: RGB;
+``stretch_resize`` to the square input size; CLIP normalisation), except that a user's photo is first
+turned upright by its EXIF orientation (dataset images are read as stored, their annotations' space);
+the probability map is resized back to the upright (height, width), so the written mask lines up with
+the photo as a viewer shows it. The Step-2
 checkpoint format (``save_segmenter`` / ``load_segmenter``) lives in :mod:`pipeline.models.checkpoints`,
 shared with training, so training and inference cannot disagree about it.
 """
