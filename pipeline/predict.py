@@ -2,9 +2,11 @@
 
 ``python -m pipeline.predict --image IMG --text "the man on the left" --out mask.png [--overlay o.png]``
 
-The image goes through the same preprocessing as Step-2 training (``read_image_rgb``: EXIF-upright RGB;
-``stretch_resize`` to the square input size; CLIP normalisation); the probability map is resized back to
-the original (height, width), so the written mask lines up with the file the user passed. The Step-2
+The image goes through the same preprocessing as Step-2 training (``read_image_rgb``: RGB;
+``stretch_resize`` to the square input size; CLIP normalisation), except that a user's photo is first
+turned upright by its EXIF orientation (dataset images are read as stored, their annotations' space);
+the probability map is resized back to the upright (height, width), so the written mask lines up with
+the photo as a viewer shows it. The Step-2
 checkpoint format (``save_segmenter`` / ``load_segmenter``) lives in :mod:`pipeline.models.checkpoints`,
 shared with training, so training and inference cannot disagree about it.
 
@@ -64,7 +66,7 @@ def predict_mask(
     defaults to the model's; giving another moves the model there. The model runs in eval mode and
     its previous train/eval mode is restored afterwards.
     """
-    rgb = read_image_rgb(image) if isinstance(image, (str, Path)) else np.asarray(image)
+    rgb = read_image_rgb(image, exif_transpose=True) if isinstance(image, (str, Path)) else np.asarray(image)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"image must be uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
     if device is None:
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except DeviceError as exc:
         return _fail(parser, f"argument {exc}")
     try:
-        rgb = read_image_rgb(image_path)
+        rgb = read_image_rgb(image_path, exif_transpose=True)
     except UnreadableImageError as exc:  # its message names the file and the decoder's complaint
         return _fail(parser, f"argument --image: {exc}")
     try:

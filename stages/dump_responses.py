@@ -11,6 +11,7 @@ With ``base.nproc > 1`` the stage runs under torchrun and each rank dumps whole 
 from pipeline import paths
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
+from pipeline.data.splits import require_eval_splits
 from pipeline.models.checkpoints import load_localiser
 from pipeline.responses import iter_responses
 from pipeline.stage import StageTimer, start_distributed_stage
@@ -21,6 +22,7 @@ def main() -> None:
     params, device, dist = start_distributed_stage("dump_responses")
     model, meta = load_localiser(paths.STEP1 / "model.pt")
     index = load_index(paths.INDEX)
+    require_eval_splits("dump_responses", index, params.data.eval_splits)
     size = meta["input_size"]
     bank = ImageBank.from_index(index.images, size, workers=params.base.num_workers)
     splits = ["train", *[s for s in params.data.eval_splits if s != "train"]]

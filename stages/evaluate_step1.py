@@ -7,6 +7,7 @@ PointM, PointIt, Acc_box, with the chance PointM baselines beside them) into
 from pipeline import paths
 from pipeline.atomic import write_json
 from pipeline.data.index import load_index
+from pipeline.data.splits import require_eval_splits
 from pipeline.evaluation import GroundTruth, evaluate_responses
 from pipeline.inspect import render_sentence
 from pipeline.stage import StageTimer, start_stage
@@ -18,6 +19,7 @@ def main() -> None:
     params, _ = start_stage("evaluate_step1")
     p = params.evaluate
     index = load_index(paths.INDEX)
+    require_eval_splits("evaluate_step1", index, params.data.eval_splits)
     store = open_responses(paths.RESPONSES)
     gt = GroundTruth(index.refs)
     report, tables = {}, {}

@@ -8,6 +8,7 @@ from pipeline import paths
 from pipeline.atomic import write_json
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
+from pipeline.data.splits import require_eval_splits
 from pipeline.evaluation import GroundTruth, iter_segmenter_probs, score_maps
 from pipeline.models.checkpoints import load_segmenter
 from pipeline.stage import StageTimer, start_stage
@@ -17,6 +18,7 @@ def main() -> None:
     params, device = start_stage("evaluate_step2")
     model, meta = load_segmenter(paths.STEP2 / "model.pt")
     index = load_index(paths.INDEX)
+    require_eval_splits("evaluate_step2", index, params.data.eval_splits)
     gt = GroundTruth(index.refs)
     bank = ImageBank.from_index(index.images, meta["input_size"], workers=params.base.num_workers)
     report = {}

@@ -1,8 +1,10 @@
 """Stage index: one Parquet view (images / refs / sentences + report.json) of the configured dataset.
 
 ``data.source: synthetic`` reads the synthesize stage's output; ``data.source: refer`` reads a real REFER
-download (RefCOCO, RefCOCO+, RefCOCOg, RefCLEF) from ``data.refer``. Bad refs are skipped and counted
-by reason in ``artifacts/index/report.json``; the stage fails only if nothing usable is left.
+download (RefCOCO, RefCOCO+, RefCOCOg, RefCLEF) from ``data.refer``. Structural faults (duplicate or
+non-integer ids, an image entry without a size, a file_name outside the image folder, code in the refs
+pickle) stop it in one line naming file, field and id; refs with bad ground truth are skipped and counted
+by reason in ``artifacts/index/report.json``; it also fails if nothing usable is left.
 """
 
 import sys

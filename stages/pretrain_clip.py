@@ -14,6 +14,7 @@ from pipeline.atomic import atomic_dir, write_json
 from pipeline.data.captions import pretraining_corpus
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
+from pipeline.data.splits import require_eval_splits
 from pipeline.diagnostics import expression_retrieval, masked_object_ranking
 from pipeline.models.clip_artifact import WEIGHTS_FILE, clip_spec, load_clip, write_clip_spec
 from pipeline.models.clip_backbone import FrozenClip, build_clip
@@ -26,6 +27,7 @@ def main() -> None:
     params, device = start_stage("pretrain_clip")
     clip_p = params.model.clip
     index = load_index(paths.INDEX)
+    require_eval_splits("pretrain_clip", index, params.data.eval_splits)
     with StageTimer("pretrain_clip"), atomic_dir(paths.CLIP) as out:
         if clip_p.pretrained == "embedded":
             tiny = clip_p.tiny.model_dump()

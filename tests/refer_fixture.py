@@ -4,7 +4,7 @@ Images (under ``root/images``):
   1 rgb_1.jpg    64x48 RGB, three annotations (a 32x24 rectangle, a triangle, a small box)
   2 grey_2.jpg   40x30 greyscale (mode L)
   3 cmyk_3.jpg   36x28 CMYK, annotation given as uncompressed RLE (RefCLEF style)
-  4 exif_4.jpg   stored 60x40 with EXIF orientation 6, so upright it is 40 wide and 60 high
+  4 exif_4.jpg   stored 60x40 with EXIF orientation 6 (upright 40x60); annotated as stored, like COCO
   5 trunc_5.jpg  a truncated JPEG                         -> image_unreadable
   6 (absent)     listed in instances.json, not on disk     -> image_missing_on_disk
   7 (absent)     referenced by a ref, not in instances     -> image_missing_from_instances
@@ -27,7 +27,7 @@ NON_ASCII_TEXT = "the café’s 猫 on the left"
 RECT_POLYGON = [8.0, 8.0, 40.0, 8.0, 40.0, 32.0, 8.0, 32.0]  # 32 x 24 = 768 px
 TRIANGLE_POLYGON = [44.0, 6.0, 62.0, 44.0, 44.0, 44.0]  # 0.5 * 18 * 38 = 342 px
 GREY_POLYGON = [4.0, 4.0, 30.0, 4.0, 17.0, 24.0]  # 0.5 * 26 * 20 = 260 px
-EXIF_POLYGON = [6.0, 10.0, 34.0, 10.0, 34.0, 50.0, 6.0, 50.0]  # 28 x 40 = 1120 px
+EXIF_POLYGON = [10.0, 6.0, 50.0, 6.0, 50.0, 34.0, 10.0, 34.0]  # 40 x 28 = 1120 px, stored space
 RLE_BOX = (slice(5, 15), slice(10, 26))  # rows, cols of image 3's mask: 10 x 16 = 160 px
 
 EXPECTED = {
@@ -36,10 +36,12 @@ EXPECTED = {
                   "val": {"images": 1, "refs": 1, "sentences": 2},
                   "testA": {"images": 1, "refs": 1, "sentences": 1},
                   "testB": {"images": 1, "refs": 1, "sentences": 1}},
-    "skipped": {"image_missing_from_instances": 1, "annotation_missing": 1, "image_missing_on_disk": 1,
-                "image_unreadable": 1, "image_size_mismatch": 1, "segmentation_invalid": 0,
-                "empty_sentence": 3, "ref_without_sentences": 1},
-    "sizes": {1: (64, 48), 2: (40, 30), 3: (36, 28), 4: (40, 60)},  # (width, height) upright
+    "skipped": {"image_missing_from_instances": 1, "annotation_missing": 1, "annotation_from_other_image": 0,
+                "split_missing": 0, "image_missing_on_disk": 1, "image_unreadable": 1,
+                "image_size_mismatch": 1, "bbox_invalid": 0, "segmentation_invalid": 0,
+                "segmentation_empty": 0, "segmentation_outside_image": 0, "empty_sentence": 3,
+                "ref_without_sentences": 1},
+    "sizes": {1: (64, 48), 2: (40, 30), 3: (36, 28), 4: (60, 40)},  # (width, height) as stored
     "areas": {101: 768.0, 102: 342.0, 201: 260.0, 301: 160.0, 401: 1120.0},
 }
 
@@ -110,7 +112,7 @@ def write_refer_fixture(root: Path, dataset: str = "refcoco", split_by: str = "u
     images = [{"id": 1, "file_name": "rgb_1.jpg", "width": 64, "height": 48},
               {"id": 2, "file_name": "grey_2.jpg", "width": 40, "height": 30},
               {"id": 3, "file_name": "cmyk_3.jpg", "width": 36, "height": 28},
-              {"id": 4, "file_name": "exif_4.jpg", "width": 40, "height": 60}]
+              {"id": 4, "file_name": "exif_4.jpg", "width": 60, "height": 40}]
     anns = [{"id": 11, "image_id": 1, "category_id": 1, "segmentation": [RECT_POLYGON],
              "bbox": [8, 8, 32, 24]},
             {"id": 12, "image_id": 1, "category_id": 2, "segmentation": [TRIANGLE_POLYGON]},

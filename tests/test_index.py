@@ -95,7 +95,7 @@ def test_written_index_round_trips_non_ascii_text(built, tmp_path):
     assert json.loads((tmp_path / "index" / "report.json").read_text(encoding="utf-8")) == index.report
 
 
-def test_greyscale_cmyk_and_exif_images_read_upright_rgb(fixture_root):
+def test_greyscale_cmyk_and_exif_images_read_as_stored_rgb(fixture_root):
     images = fixture_root / "images"
     grey = read_image_rgb(images / "grey_2.jpg")
     assert grey.shape == (30, 40, 3) and np.all(grey[..., 0] == grey[..., 2])
@@ -103,11 +103,14 @@ def test_greyscale_cmyk_and_exif_images_read_upright_rgb(fixture_root):
     cmyk = read_image_rgb(images / "cmyk_3.jpg")
     assert cmyk.shape == (28, 36, 3)
     assert cmyk[14, 18, 0] > 200 and cmyk[14, 18, 1] < 60 and cmyk[14, 18, 2] < 60  # CMYK (0,255,255,0) = red
-    upright = read_image_rgb(images / "exif_4.jpg")
+    stored = read_image_rgb(images / "exif_4.jpg")  # dataset images: as stored, the annotation space
+    assert stored.shape == (40, 60, 3)
+    assert stored[2:8, 2:8, 0].mean() > 180 and stored[2:8, 52:58, 0].mean() < 140
+    assert decoded_size(images / "exif_4.jpg") == (60, 40)
+    upright = read_image_rgb(images / "exif_4.jpg", exif_transpose=True)  # a user's photo in predict
     assert upright.shape == (60, 40, 3)
     # Orientation 6 turns the stored top-left marker into the displayed top-right corner.
     assert upright[2:8, 32:38, 0].mean() > 180 and upright[2:8, 2:8, 0].mean() < 140
-    assert decoded_size(images / "exif_4.jpg") == (40, 60)
 
 
 def test_truncated_image_raises_even_if_pil_was_told_to_tolerate_it(fixture_root, monkeypatch):

@@ -1,9 +1,15 @@
-"""Decoding images the same way everywhere: upright (EXIF orientation applied), RGB, fully loaded.
+"""Decoding images the same way everywhere: RGB, fully loaded, in the annotations' pixel space.
 
 Why one reader: RefCOCO's COCO images include greyscale and CMYK JPEGs, and phone photos carry EXIF
 orientation; if the index measured one size and training decoded another, masks (stored at the
 ``instances.json`` size) would silently misalign with pixels. Truncated files must fail loudly instead of
 being padded with grey by PIL's ``LOAD_TRUNCATED_IMAGES``.
+
+Orientation convention: dataset images are read as stored, ignoring the EXIF orientation tag. That is
+the space COCO/REFER annotations were drawn in (their tooling reads stored pixels without EXIF
+transpose), so pixels and masks agree for all eight orientations and for square images, where a
+rotation would not even change the size. ``exif_transpose=True`` gives the upright, displayed image; it
+is for a user's own photo in ``pipeline.predict``, never for indexed data.
 """
 
 from __future__ import annotations
@@ -12,10 +18,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
-
-# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
-_SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
-_EXIF_ORIENTATION_TAG = 0x0112
 
 
 class UnreadableImageError(OSError):
@@ -46,29 +48,26 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def read_image_rgb(path: str | Path) -> np.ndarray:
-    """Decode ``path`` to an upright ``(H, W, 3)`` uint8 RGB array (greyscale, CMYK, palette handled)."""
-    path = Path(path)
-    image = _load(path)
-    try:
-        upright = ImageOps.exif_transpose(image)
-    except (OSError, ValueError, SyntaxError) as err:
-        raise UnreadableImageError(f"{path}: cannot apply EXIF orientation ({err})") from err
-    return np.ascontiguousarray(np.asarray(_to_rgb(upright), dtype=np.uint8))
+def read_image_rgb(path: str | Path, *, exif_transpose: bool = False) -> np.ndarray:
+    """Decode ``path`` to an ``(H, W, 3)`` uint8 RGB array (greyscale, CMYK, palette handled).
 
-
-def decoded_size(path: str | Path) -> tuple[int, int]:
-    """``(width, height)`` of the upright decoded image, decoding fully (so truncation is detected).
-
-    Cheaper than :func:`read_image_rgb` for indexing: the pixels are decoded but not rotated or
-    converted; the EXIF orientation tag decides whether width and height swap, exactly as
-    ``ImageOps.exif_transpose`` would.
+    As stored by default (the annotation space, see the module docstring); ``exif_transpose=True``
+    applies the EXIF orientation tag first, giving the image as a viewer displays it.
     """
     path = Path(path)
     image = _load(path)
-    width, height = image.size
-    try:
-        orientation = image.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-    except (OSError, ValueError, SyntaxError):
-        orientation = 1
-    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+    if exif_transpose:
+        try:
+            image = ImageOps.exif_transpose(image)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise UnreadableImageError(f"{path}: cannot apply EXIF orientation ({err})") from err
+    return np.ascontiguousarray(np.asarray(_to_rgb(image), dtype=np.uint8))
+
+
+def decoded_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of the image as :func:`read_image_rgb` returns it by default (as stored).
+
+    Decodes fully, so truncation is detected, but skips the RGB conversion: the index calls it once
+    per image.
+    """
+    return _load(Path(path)).size

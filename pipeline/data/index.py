@@ -1,9 +1,19 @@
 """The Parquet index: one flat, typed view of a REFER dataset that every later stage reads.
 
-Building it is where bad data is caught, once: refs whose image is unknown, missing on disk,
-unreadable or of a different size than ``instances.json`` says, refs whose annotation is missing, and
-empty sentences are skipped and counted by reason in ``report.json`` instead of crashing a training
-epoch hours later. Tables (fixed schemas in :mod:`pipeline.data.tables`):
+Building it is where bad data is caught, once, instead of crashing a training epoch or an evaluation
+hours later. Structural faults (non-integer or duplicate ids, image entries without a size or with a
+``file_name`` outside the image folder, a refs pickle that names code) stop
+:func:`pipeline.data.refer.load_refer` with the file, field and id named. Faults in one object's
+ground truth are skipped and counted by reason in ``report.json``: refs whose image is unknown, missing
+on disk, unreadable or of a different size than ``instances.json`` says; whose annotation is missing or
+belongs to another image; whose ``split`` is not a name; whose bbox is not inside the image; whose mask
+is invalid (RLE counts that do not decode), empty (a zero-area polygon) or outside the image; and empty
+sentences.
+
+Pixels and masks share one space: the image as stored, without EXIF orientation (the COCO/REFER
+convention; see :mod:`pipeline.data.images`). An EXIF-rotated image whose ``instances.json`` size is
+the upright one is therefore a size mismatch, never a silently misaligned mask. Tables (fixed schemas
+in :mod:`pipeline.data.tables`):
 
 - ``images.parquet``: image_id int64, file_name string, path string, width int32, height int32
 - ``refs.parquet``: ref_id int64, ann_id int64, image_id int64, split string, category_id int32,
@@ -12,13 +22,14 @@ epoch hours later. Tables (fixed schemas in :mod:`pipeline.data.tables`):
 - ``sentences.parquet``: sent_id int64, ref_id int64, image_id int64, split string, text string
 
 ``report.json`` counts kept images / refs / sentences per split and skipped items by reason. Units:
-``image_*``, ``annotation_missing``, ``segmentation_invalid`` and ``ref_without_sentences`` count refs;
-``empty_sentence`` counts sentences; ``skipped_images`` counts distinct images per image reason.
+``empty_sentence`` counts sentences, every other reason counts refs; ``skipped_images`` counts distinct
+images per image reason. ``examples`` lists up to five ref ids (with the problem) per reason.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -40,16 +51,32 @@ from pipeline.data.tables import SCHEMAS, table_from_rows
 SKIP_REASONS = (
     "image_missing_from_instances",
     "annotation_missing",
+    "annotation_from_other_image",
+    "split_missing",
     "image_missing_on_disk",
     "image_unreadable",
     "image_size_mismatch",
+    "bbox_invalid",
     "segmentation_invalid",
+    "segmentation_empty",
+    "segmentation_outside_image",
     "empty_sentence",
     "ref_without_sentences",
 )
 IMAGE_REASONS = ("image_missing_on_disk", "image_unreadable", "image_size_mismatch")
 _SPLIT_ORDER = {"train": 0, "val": 1, "test": 2, "testA": 3, "testB": 4, "testC": 5}
 _MAX_EXAMPLES = 5
+# How far (pixels) a bbox or polygon vertex may reach past the image border: COCO coordinates are floats
+# and annotation tools round, so a vertex at x = width + 0.5 is a border pixel, not an error.
+BORDER_TOLERANCE = 1.0
+
+
+class GroundTruthError(ValueError):
+    """One ref's ground truth cannot be right; ``reason`` is its skip reason in the report."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -68,6 +95,10 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:
         polygons = [list(map(float, p)) for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
         if not polygons:
             raise ValueError("no polygon with at least 3 points")
+        for polygon in polygons:
+            if not _inside(polygon[0::2], width) or not _inside(polygon[1::2], height):
+                raise GroundTruthError("segmentation_outside_image",
+                                       f"polygon vertex outside the {width}x{height} image")
         return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
         if [int(s) for s in segmentation["size"]] != [height, width]:
@@ -78,6 +109,27 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict:
         counts = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
         return {"size": [height, width], "counts": counts}
     raise ValueError(f"unsupported segmentation of type {type(segmentation).__name__}")
+
+
+def _inside(values: list[float], extent: int) -> bool:
+    """Whether all coordinates are finite and within ``[0, extent]`` give or take the border tolerance."""
+    return all(math.isfinite(v) and -BORDER_TOLERANCE <= v <= extent + BORDER_TOLERANCE for v in values)
+
+
+def check_bbox(bbox: Any, height: int, width: int) -> list[float]:
+    """``bbox`` as four floats, or :class:`GroundTruthError` if it is not a non-empty box inside the image.
+
+    Why: the box metrics (Acc_box) and PointIt compare against it; a box off the image scores every
+    prediction wrong without any error.
+    """
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError) as err:
+        raise GroundTruthError("bbox_invalid", f"bbox {bbox!r} is not four numbers") from err
+    if not (w > 0 and h > 0 and _inside([x, x + w], width) and _inside([y, y + h], height)):
+        raise GroundTruthError("bbox_invalid", f"bbox {bbox!r} is not a non-empty box inside the "
+                                               f"{width}x{height} image")
+    return [x, y, w, h]
 
 
 def decode_mask(row: Mapping[str, Any]) -> np.ndarray:
@@ -117,22 +169,36 @@ def _sentence_rows(ref: dict) -> tuple[list[dict], int]:
 
 
 def _ref_row(ref: dict, ann: dict, image: dict, categories: dict[int, str]) -> dict:
+    """The refs-table row of one ref; :class:`GroundTruthError` (or ValueError) if its ground truth is bad.
+
+    The mask is decoded once here so that RLE counts which do not add up to the image fail now (as
+    ``segmentation_invalid``) rather than in evaluation.
+    """
     height, width = int(image["height"]), int(image["width"])
     rle = segmentation_to_rle(ann["segmentation"], height, width)
+    area = int(decode_rle(rle).sum())  # raises ValueError on counts that are not a valid RLE of this size
+    if area == 0:
+        raise GroundTruthError("segmentation_empty", "the mask has zero area")
     bbox = ann.get("bbox")
-    if not (isinstance(bbox, list | tuple) and len(bbox) == 4):
-        bbox = mask_utils.toBbox(rle).tolist()
+    if bbox is not None and not (isinstance(bbox, list | tuple) and len(bbox) == 4):
+        bbox = None  # malformed rather than wrong: fall back to the mask's box, as before
+    bbox = mask_utils.toBbox(rle).tolist() if bbox is None else check_bbox(bbox, height, width)
     category_id = int(ann.get("category_id", ref.get("category_id", 0)))  # the annotation is authoritative
     return {"ref_id": int(ref["ref_id"]), "ann_id": int(ref["ann_id"]), "image_id": int(ref["image_id"]),
             "split": str(ref["split"]), "category_id": category_id,
             "category": categories.get(category_id, str(category_id)),
             "bbox": [float(v) for v in bbox], "mask_counts": rle["counts"].decode("ascii"),
             "mask_height": int(rle["size"][0]), "mask_width": int(rle["size"][1]),
-            "area": float(mask_utils.area(rle))}
+            "area": float(area)}
 
 
 def _split_key(split: str) -> tuple[int, str]:
     return _SPLIT_ORDER.get(split, len(_SPLIT_ORDER)), split
+
+
+def split_names(index: Index) -> list[str]:
+    """The splits that have at least one kept ref, in the usual order (train, val, test, testA, ...)."""
+    return sorted({str(s) for s in index.refs["split"]}, key=_split_key)
 
 
 def build_index(refs: list[dict], instances: dict, image_dir: str | Path,
@@ -158,10 +224,16 @@ def build_index(refs: list[dict], instances: dict, image_dir: str | Path,
 
     candidates = []
     for ref in refs:
-        if int(ref["image_id"]) not in images:
+        image_id, ann_id = int(ref["image_id"]), int(ref["ann_id"])
+        if image_id not in images:
             skip("image_missing_from_instances", ref["ref_id"])
-        elif int(ref["ann_id"]) not in anns:
+        elif ann_id not in anns:
             skip("annotation_missing", ref["ref_id"])
+        elif int(anns[ann_id].get("image_id", image_id)) != image_id:
+            skip("annotation_from_other_image", f"{ref['ref_id']}: annotation {ann_id} is on image "
+                                                f"{anns[ann_id]['image_id']}, not {image_id}")
+        elif not isinstance(ref["split"], str) or not ref["split"].strip():
+            skip("split_missing", f"{ref['ref_id']}: split {ref['split']!r}")
         else:
             candidates.append(ref)
 
@@ -193,12 +265,17 @@ def build_index(refs: list[dict], instances: dict, image_dir: str | Path,
             continue
         try:
             row = _ref_row(ref, anns[int(ref["ann_id"])], images[image_id], categories)
+        except GroundTruthError as err:
+            skip(err.reason, f"{ref['ref_id']}: {err}")
+            continue
         except (ValueError, TypeError, KeyError) as err:
             skip("segmentation_invalid", f"{ref['ref_id']}: {err}")
             continue
         ref_rows.append(row)
         sent_rows.extend(sentences)
 
+    _require_unique_rows(ref_rows, "ref_id")  # load_refer already refuses these; build_index may be
+    _require_unique_rows(sent_rows, "sent_id")  # called on refs from elsewhere
     kept_image_ids = sorted({r["image_id"] for r in ref_rows})
     image_rows = [{"image_id": i, "file_name": str(images[i]["file_name"]),
                    "path": (image_dir / images[i]["file_name"]).as_posix(),
@@ -209,6 +286,14 @@ def build_index(refs: list[dict], instances: dict, image_dir: str | Path,
               "sentences": table_from_rows("sentences", sent_rows)}
     report = _report(ref_rows, sent_rows, skipped, skipped_images, examples)
     return tables, report
+
+
+def _require_unique_rows(rows: list[dict], key: str) -> None:
+    """Raise naming the first duplicated ``key``: every later stage looks rows up by it."""
+    counts = Counter(r[key] for r in rows)
+    dup = next((k for k, n in counts.items() if n > 1), None)
+    if dup is not None:
+        raise ValueError(f"refs: {key} {dup} occurs {counts[dup]} times; {key} must be unique")
 
 
 def _report(ref_rows: list[dict], sent_rows: list[dict], skipped: Counter, skipped_images: Counter,

@@ -5,7 +5,7 @@ a column's type under the readers downstream.
 
 ``images.parquet``    image_id int64, file_name string, path string (``image_dir / file_name`` exactly as
                       configured, so a relative image_dir stays relative), width int32, height int32
-                      (the decoded, EXIF-upright image).
+                      (the decoded image as stored, EXIF orientation ignored: the masks' space).
 ``refs.parquet``      ref_id int64, ann_id int64, image_id int64, split string, category_id int32,
                       category string, bbox list<float64> (COCO xywh, length 4), mask_counts string
                       (compressed COCO RLE counts), mask_height int32, mask_width int32, area float64
