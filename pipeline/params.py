@@ -73,7 +73,10 @@ class ReferSource(_Strict):
 class DataParams(_Strict):
     source: Literal["synthetic", "refer"]
     refer: ReferSource
-    eval_splits: list[str]
+    eval_splits: Literal["auto"] | list[str] = Field(
+        description="splits to evaluate; auto = every non-train split the index has, in REFER's order "
+        "(RefCOCO/+ unc: val, testA, testB; RefCOCOg umd: val, test; google: val; refclef berkeley: "
+        "val, test)")
 
 
 class FamilyWeights(_Strict):

@@ -22,10 +22,10 @@ def main() -> None:
     params, device, dist = start_distributed_stage("dump_responses")
     model, meta = load_localiser(paths.STEP1 / "model.pt")
     index = load_index(paths.INDEX)
-    require_eval_splits("dump_responses", index, params.data.eval_splits)
+    eval_splits = require_eval_splits("dump_responses", index, params.data.eval_splits)
     size = meta["input_size"]
     bank = ImageBank.from_index(index.images, size, workers=params.base.num_workers)
-    splits = ["train", *[s for s in params.data.eval_splits if s != "train"]]
+    splits = ["train", *[s for s in eval_splits if s != "train"]]
     first = split_sentences(index.images, index.sentences, splits[0]).iloc[:1]
     _, probe = next(iter_responses(model, bank, first, 1, meta["max_tokens"], device, show_progress=False))
     attrs = {"input_size": [size, size], "model": "artifacts/step1/model.pt"}

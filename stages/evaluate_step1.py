@@ -19,17 +19,17 @@ def main() -> None:
     params, _ = start_stage("evaluate_step1")
     p = params.evaluate
     index = load_index(paths.INDEX)
-    require_eval_splits("evaluate_step1", index, params.data.eval_splits)
+    eval_splits = require_eval_splits("evaluate_step1", index, params.data.eval_splits)
     store = open_responses(paths.RESPONSES)
     gt = GroundTruth(index.refs)
     report, tables = {}, {}
     with StageTimer("evaluate_step1"):
-        for split in params.data.eval_splits:
+        for split in eval_splits:
             report[split], tables[split] = evaluate_responses(store, split, gt, p)
             print(f"[evaluate_step1] {split}: {report[split]}")
     write_json(paths.REPORTS / "step1.json", report)
 
-    split = params.data.eval_splits[0]
+    split = eval_splits[0]
     table = tables[split]
     sections = select_sections(table["iou"].tolist(), p.gallery_size)
     picked = sorted({i for ids in sections.values() for i in ids})

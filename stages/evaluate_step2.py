@@ -18,12 +18,12 @@ def main() -> None:
     params, device = start_stage("evaluate_step2")
     model, meta = load_segmenter(paths.STEP2 / "model.pt")
     index = load_index(paths.INDEX)
-    require_eval_splits("evaluate_step2", index, params.data.eval_splits)
+    eval_splits = require_eval_splits("evaluate_step2", index, params.data.eval_splits)
     gt = GroundTruth(index.refs)
     bank = ImageBank.from_index(index.images, meta["input_size"], workers=params.base.num_workers)
     report = {}
     with StageTimer("evaluate_step2"):
-        for split in params.data.eval_splits:
+        for split in eval_splits:
             rows = split_sentences(index.images, index.sentences, split)
             probs = iter_segmenter_probs(model, bank, rows, 32, meta["max_tokens"], device)
             report[split], _ = score_maps(probs, gt, params.evaluate.step2_threshold)

@@ -27,7 +27,7 @@ def main() -> None:
     params, device = start_stage("pretrain_clip")
     clip_p = params.model.clip
     index = load_index(paths.INDEX)
-    require_eval_splits("pretrain_clip", index, params.data.eval_splits)
+    eval_splits = require_eval_splits("pretrain_clip", index, params.data.eval_splits)
     with StageTimer("pretrain_clip"), atomic_dir(paths.CLIP) as out:
         if clip_p.pretrained == "embedded":
             tiny = clip_p.tiny.model_dump()
@@ -45,7 +45,7 @@ def main() -> None:
         else:
             write_clip_spec(out, clip_spec(clip_p.name, clip_p.pretrained, None, 77))
         frozen = FrozenClip(load_clip(out)).to(device)
-        split = params.data.eval_splits[0]
+        split = eval_splits[0]
         ranking = masked_object_ranking(frozen, index.images, index.refs, index.sentences, split,
                                         params.model.max_tokens, frozen.image_size, device)
         retrieval = expression_retrieval(frozen, index.images, index.sentences, split,

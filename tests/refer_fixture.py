@@ -101,9 +101,30 @@ def _write_images(image_dir: Path, with_bad_cases: bool) -> None:
         Image.fromarray(noise).save(image_dir / "size_8.jpg", quality=95)
 
 
+# The released REFER layouts: (dataset folder, split_by of refs(<split_by>).p) -> the splits of its refs,
+# train first. The fixture's three evaluation images (2, 3, 4) take the other splits in turn.
+RELEASES = {
+    ("refcoco", "unc"): ("train", "val", "testA", "testB"),
+    ("refcoco+", "unc"): ("train", "val", "testA", "testB"),
+    ("refcocog", "umd"): ("train", "val", "test"),
+    ("refcocog", "google"): ("train", "val"),
+    ("refclef", "unc"): ("train", "val", "testA", "testB", "testC"),
+    ("refclef", "berkeley"): ("train", "val", "test"),
+}
+
+
+def release_splits(dataset: str, split_by: str) -> tuple[str, str, str]:
+    """Splits of the fixture's images 2, 3, 4 under a released layout (val first, as every release has)."""
+    evaluation = RELEASES.get((dataset, split_by), ("train", "val", "testA", "testB"))[1:]
+    return tuple(evaluation[min(i, len(evaluation) - 1)] for i in range(3))
+
+
 def write_refer_fixture(root: Path, dataset: str = "refcoco", split_by: str = "unc",
                         with_bad_cases: bool = True) -> Path:
-    """Write the fixture under ``root`` (REFER layout) and return the image folder."""
+    """Write the fixture under ``root`` (REFER layout: ``<dataset>/refs(<split_by>).p`` and
+    ``<dataset>/instances.json``) and return the image folder. The evaluation refs carry the split names
+    of that release (:data:`RELEASES`); ``refcoco`` / ``unc`` gives val, testA, testB."""
+    split2, split3, split4 = release_splits(dataset, split_by)
     root = Path(root)
     image_dir = root / "images"
     _write_images(image_dir, with_bad_cases)
@@ -125,10 +146,10 @@ def write_refer_fixture(root: Path, dataset: str = "refcoco", split_by: str = "u
             _ref(102, 12, 1, "train", [_sentence(3, NON_ASCII_TEXT)], category_id=2),
             _ref(103, 99, 1, "train", [_sentence(4, "annotation is gone")]),
             _ref(104, 13, 1, "train", [_sentence(5, ""), _sentence(6, " \t ")]),
-            _ref(201, 21, 2, "val", [_sentence(7, "grey triangle"), _sentence(8, "Raw Only Text", True)],
+            _ref(201, 21, 2, split2, [_sentence(7, "grey triangle"), _sentence(8, "Raw Only Text", True)],
                  category_id=2),
-            _ref(301, 31, 3, "testA", [_sentence(9, "cmyk square")]),
-            _ref(401, 41, 4, "testB", [_sentence(10, "rotated box")])]
+            _ref(301, 31, 3, split3, [_sentence(9, "cmyk square")]),
+            _ref(401, 41, 4, split4, [_sentence(10, "rotated box")])]
     if with_bad_cases:
         for image_id, name, side in ((5, "trunc_5.jpg", 32), (6, "missing_6.jpg", 32), (8, "size_8.jpg", 30)):
             images.append({"id": image_id, "file_name": name, "width": side, "height": side})
