@@ -75,11 +75,12 @@ def pretraining_corpus(train: pd.DataFrame, p: PretrainClipParams, world: Synthe
     scene = {"image_side": world.image_side, "object_scale": world.object_scale,
              "expressions_per_object": world.expressions_per_object, "distractor_rate": world.distractor_rate,
              "family_weights": world.family_weights.model_dump()}
+    objects_per_image = tuple(p.caption_objects)  # read even when unused: dvc.yaml lists the whole section
     parts, pictures = [], {}
     if p.ris_images:
         parts.append(train[["image_id", "text"]])
     if p.caption_images:
-        captions, pictures = caption_corpus(p.caption_images, objects_per_image=tuple(p.caption_objects),
+        captions, pictures = caption_corpus(p.caption_images, objects_per_image=objects_per_image,
                                             size=size, seed=seed, **scene)
         parts.append(captions)
     if not parts:
