@@ -5,16 +5,25 @@ pseudo-masks and report from make_pseudo_masks split across two ranks.
 Launched the way a user does it: ``base.nproc: 2`` in params.yaml makes each stage script re-execute
 itself under torchrun. BatchNorm is frozen (``freeze_batchnorm``) because gloo has no SyncBatchNorm:
 with per-rank batch statistics two processes would legitimately differ from one.
+
+The README's multi-node launch runs too, on one machine: two torchrun "nodes" (``--nnodes 2``, one
+process each) meet at a c10d rendezvous on 127.0.0.1 and must train the single-process weights; the
+stage script they start must not re-launch itself under a nested torchrun even with ``base.nproc: 2``.
 """
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from tiny_pipeline import run_stage, write_params
+from tiny_pipeline import ROOT, run_stage, write_params
 
+from pipeline import distributed
 from pipeline.store import open_pseudo_masks, open_responses
 
 FROZEN_BN = {"step1": {"freeze_batchnorm": True}, "step2": {"freeze_batchnorm": True}}
@@ -94,3 +103,82 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     one, two = _train_twice(work, "train_step2", "step2")
     assert _max_difference(one, two) < 1e-4
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# More than one machine: the README's multi-node command, two "nodes" on 127.0.0.1
+# ----------------------------------------------------------------------------------------------------
+
+
+def multinode_command(nnodes: int, endpoint: str, run_id: str, script: str) -> list[str]:
+    """The README's per-node launch (``torchrun`` is ``python -m torch.distributed.run``): the same
+    command on every node; c10d rendezvous assigns the node ranks, rank 0 hosts the store."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id,
+            "--local-addr", endpoint.rsplit(":", 1)[0], script]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _loopback_env() -> dict[str, str]:
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    if os.path.isdir("/sys/class/net/lo"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's pairs on the loopback interface, not the host's address
+    return env
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_with_c10d_rendezvous_match_one_process(tmp_path):
+    work = tmp_path / "run"
+    write_params(work, FROZEN_BN)
+    for stage in ("synthesize", "index", "pretrain_clip"):
+        run_stage(work, stage)
+    log = run_stage(work, "train_step1")
+    assert "launching" not in log
+    one = _weights(work / "artifacts" / "step1" / "model.pt")
+
+    # base.nproc: 2 as well: under an outer torchrun the stage must not start a torchrun of its own
+    shutil.rmtree(work / "artifacts" / "step1")
+    write_params(work, {**FROZEN_BN, "base": {"nproc": 2}})
+    command = multinode_command(2, f"127.0.0.1:{_free_port()}", "tris-test",
+                                str(ROOT / "stages" / "train_step1.py"))
+    nodes = [subprocess.Popen(command, cwd=work, env=_loopback_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = []
+    try:
+        for node in nodes:
+            logs.append(node.communicate(timeout=600)[0])
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    for node, text in zip(nodes, logs, strict=True):
+        assert node.returncode == 0, f"a torchrun node failed:\n{text[-4000:]}"
+    both = "\n".join(logs)
+    assert "[distributed] launching" not in both, "the stage re-launched itself under the outer torchrun"
+    assert "rank 0 of 2" in both and "rank 1 of 2" in both
+    two = _weights(work / "artifacts" / "step1" / "model.pt")
+    assert _max_difference(one, two) < 1e-4
+
+
+def test_a_torchrun_worker_does_not_relaunch_itself(monkeypatch):
+    calls = []
+    monkeypatch.setattr(distributed.os, "execv", lambda *args: calls.append(args))
+    monkeypatch.setenv(distributed.LAUNCHED_ENV, "")  # recorded, so the "1" the relaunch sets is undone
+    for name, value in {"LOCAL_RANK": "0", "RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    distributed.relaunch_under_torchrun(2)
+    assert calls == [], "a worker of an outer torchrun must run the stage, not start another torchrun"
+
+    # the same call outside torchrun re-executes the script under `torchrun --standalone`
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    distributed.relaunch_under_torchrun(2)
+    assert len(calls) == 1
+    argv = calls[0][1]
+    assert argv[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc_per_node=2" in argv
+    assert os.environ[distributed.LAUNCHED_ENV] == "1"  # its workers will refuse to re-launch again
