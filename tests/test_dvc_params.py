@@ -27,6 +27,7 @@ EXECUTION_ONLY = {"base.device", "base.threads", "base.num_workers"}
 # embedded CLIP); dvc.yaml must still list them, so that a run on that branch re-runs the stage.
 BRANCH_ONLY = {
     "index": {"data.refer"},  # read when data.source = refer
+    "pretrain_clip": {"pretrain_clip.caption_objects"},  # read when pretrain_clip.caption_images > 0
 }
 
 
