@@ -23,8 +23,7 @@ from pipeline import paths
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.models.checkpoints import build_localiser
-from pipeline.models.clip_artifact import load_clip
-from pipeline.models.clip_backbone import FrozenClip
+from pipeline.models.clip_artifact import load_frozen_clip, resolve_calibration_size
 from pipeline.params import load_params
 from pipeline.runtime import select_device
 from pipeline.train.loop import Epoch, StepOut, Training, TrainingRun, fit
@@ -72,10 +71,12 @@ def run(steps: int = 6, repeats: int = 3) -> dict:
     device = select_device(params.base.device)
     index = load_index(paths.INDEX)
     train = split_sentences(index.images, index.sentences, "train")
-    p = params.step1.model_copy(update={"epochs": 1})
+    frozen = load_frozen_clip(paths.CLIP)
+    p = params.step1.model_copy(update={
+        "epochs": 1, "calibration_size": resolve_calibration_size(params.step1.calibration_size, frozen)})
     bank = ImageBank.from_index(index.images, p.input_size)
     training = Step1Training(build_localiser(paths.CLIP, localiser_meta(params, str(paths.CLIP))),
-                             FrozenClip(load_clip(paths.CLIP)), bank, train, p, device,
+                             frozen, bank, train, p, device,
                              seed=params.base.seed, max_tokens=params.model.max_tokens)
     items = list(training.epoch(0).inputs)[: steps + 1]
     images = sum(len(rows) for rows, _ in items[1:])

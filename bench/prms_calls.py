@@ -19,7 +19,7 @@ from bench.common import require
 from pipeline import paths
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
-from pipeline.models.clip_artifact import load_clip
+from pipeline.models.clip_artifact import load_frozen_clip, resolve_calibration_size
 from pipeline.models.clip_backbone import FrozenClip
 from pipeline.params import load_params
 from pipeline.pseudo_labels import load_split_responses, select_responses
@@ -54,10 +54,12 @@ def run(refs: int = 400) -> dict:
     subset = train[train["ref_id"].isin(chosen)].reset_index(drop=True)
     bank = ImageBank.from_index(index.images, params.pseudo_masks.size)
     responses = load_split_responses(open_responses(paths.RESPONSES), "train")
-    encoder = CountingEncoder(FrozenClip(load_clip(paths.CLIP)).to(device))
+    frozen = load_frozen_clip(paths.CLIP).to(device)
+    encoder = CountingEncoder(frozen)
     t0 = time.perf_counter()
     sel = select_responses(subset, responses, bank, encoder, use_prms=True, off_choice="first",
-                           max_tokens=params.model.max_tokens, calibration_size=params.step1.calibration_size,
+                           max_tokens=params.model.max_tokens,
+                           calibration_size=resolve_calibration_size(params.step1.calibration_size, frozen),
                            device=device, seed=params.base.seed)
     seconds = time.perf_counter() - t0
     n = len(sel.objects)

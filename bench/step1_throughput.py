@@ -20,8 +20,7 @@ from pipeline import paths
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.models.checkpoints import build_localiser
-from pipeline.models.clip_artifact import load_clip
-from pipeline.models.clip_backbone import FrozenClip
+from pipeline.models.clip_artifact import load_frozen_clip, resolve_calibration_size
 from pipeline.params import load_params
 from pipeline.runtime import select_device
 from pipeline.train.step1 import localiser_meta, train_step1
@@ -32,14 +31,16 @@ def images_per_second(steps: int, amp: bool) -> tuple[float, str]:
     device = select_device(params.base.device)
     index = load_index(paths.INDEX)
     train = split_sentences(index.images, index.sentences, "train")
-    cfg = params.step1.model_copy(update={"epochs": 1, "amp": amp})
+    frozen = load_frozen_clip(paths.CLIP)
+    cfg = params.step1.model_copy(update={
+        "epochs": 1, "amp": amp,
+        "calibration_size": resolve_calibration_size(params.step1.calibration_size, frozen)})
     shared = {"seed": params.base.seed, "max_tokens": params.model.max_tokens}
     # one sentence per image and exactly `steps` full batches (+ 1 warm-up) of distinct images
     images = train["image_id"].drop_duplicates().to_numpy()[: (steps + 1) * cfg.batch_size]
     subset = train[train["image_id"].isin(images)].drop_duplicates("image_id").reset_index(drop=True)
     bank = ImageBank.from_index(index.images, params.step1.input_size)
     bank.preload(subset["image_id"])
-    frozen = FrozenClip(load_clip(paths.CLIP))
     warm = subset.iloc[: cfg.batch_size]
     train_step1(build_localiser(paths.CLIP, localiser_meta(params, str(paths.CLIP))), frozen, bank, warm,
                 cfg, device, **shared)

@@ -131,8 +131,27 @@ class ClipParams(_Strict):
     tiny: TinyClipParams
 
 
+class FrozenClipParams(_Strict):
+    """The frozen CLIP of calibration (Eq. 8-9) and PRMS (Eq. 10); the authors use a separate ViT-B/32."""
+
+    name: str = Field(description="'same' (the CLIP of artifacts/clip, i.e. model.clip) or an open_clip name "
+                      "such as ViT-B-32")
+    pretrained: str = Field(description="'same' (with name 'same'), an open_clip tag or a local checkpoint "
+                            "path")
+
+    @model_validator(mode="after")
+    def _same_together(self) -> FrozenClipParams:
+        if (self.name == "same") != (self.pretrained == "same"):
+            raise ValueError("model.frozen_clip: name and pretrained are both 'same' or neither is")
+        if self.pretrained == "embedded":
+            raise ValueError("model.frozen_clip.pretrained: 'embedded' weights exist only for model.clip; "
+                             "use 'same' to freeze that CLIP")
+        return self
+
+
 class ModelParams(_Strict):
     clip: ClipParams
+    frozen_clip: FrozenClipParams
     max_tokens: Int = Field(ge=3)
     hidden_dim: Int = Field(ge=8, description="C_d, the projector width (paper: 1024)")
 
@@ -178,7 +197,8 @@ class Step1Params(OptimParams):
     cls_weight: Float = Field(ge=0, description="lambda in L = lambda * L_cls + L_cal")
     calibration_positive: Bool
     calibration_negative: Bool
-    calibration_size: Int = Field(ge=32, description="side of the masked image fed to frozen CLIP")
+    calibration_size: Literal["auto"] | Annotated[Int, Field(ge=32)] = Field(
+        description="side of the masked image fed to the frozen CLIP; auto = that CLIP's native size")
     calibration_score: Literal["cosine", "rescaled"] = Field(
         description="phi of Eq. 9: raw cosine, or (1 + cos) / 2 so log S stays defined"
     )

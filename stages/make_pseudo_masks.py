@@ -18,8 +18,7 @@ from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.evaluation import GroundTruth
 from pipeline.metrics import iou
-from pipeline.models.clip_artifact import load_clip
-from pipeline.models.clip_backbone import FrozenClip
+from pipeline.models.clip_artifact import load_frozen_clip, resolve_calibration_size
 from pipeline.pseudo_labels import load_split_responses, make_pseudo_masks, select_responses
 from pipeline.refine.pseudo_mask import to_pseudo_mask
 from pipeline.stage import StageTimer, start_distributed_stage
@@ -50,7 +49,8 @@ def main() -> None:
     ref_order = np.sort(train["ref_id"].unique())  # the store's row order
     bank = ImageBank.from_index(index.images, size, workers=params.base.num_workers)
     responses = load_split_responses(open_responses(paths.RESPONSES), "train")
-    frozen = FrozenClip(load_clip(paths.CLIP)).to(device) if p.prms else None
+    frozen = load_frozen_clip(paths.CLIP).to(device) if p.prms else None
+    calibration_size = resolve_calibration_size(params.step1.calibration_size, frozen) if p.prms else 0
     attrs = {"input_size": [size, size], "refine": p.refine, "prms": p.prms, "threshold": p.threshold}
     writer = RecordWriter(paths.PSEUDO_MASKS, PSEUDO_MASK_SCHEMA, (size, size), p.shard_size, attrs,
                           dist=dist)
@@ -61,7 +61,7 @@ def main() -> None:
         mine = train[train["ref_id"].isin(ref_order[rows])]
         sel = select_responses(mine, responses, bank, frozen, use_prms=p.prms, off_choice=p.prms_off_choice,
                                max_tokens=params.model.max_tokens,
-                               calibration_size=params.step1.calibration_size, device=device,
+                               calibration_size=calibration_size, device=device,
                                seed=params.base.seed)
         masks, net = make_pseudo_masks(sel, bank, p, seed=params.base.seed, device=device, global_rows=rows,
                                        total_objects=len(ref_order), dist=dist)

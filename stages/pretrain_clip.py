@@ -3,6 +3,8 @@
 Embedded default (``model.clip.pretrained: embedded``): train the small open_clip model contrastively on
 the train split's (image, expression) pairs. Otherwise: record the open_clip name and tag / local
 checkpoint path (loaded once here so a bad path fails now, not three stages later).
+Either way, ``frozen_clip.json`` records the frozen CLIP of calibration and PRMS (``model.frozen_clip``:
+``same`` = this CLIP, or a separate one such as the authors' ViT-B/32), loaded here for the same reason.
 Either way, report on val how often the frozen CLIP ranks the referred object's GT-masked image first,
 and how often it retrieves an image's own expression among 48 (diagnostics; training never reads masks).
 """
@@ -16,8 +18,16 @@ from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.data.splits import require_eval_splits
 from pipeline.diagnostics import expression_retrieval, masked_object_ranking
-from pipeline.models.clip_artifact import WEIGHTS_FILE, clip_spec, load_clip, write_clip_spec
-from pipeline.models.clip_backbone import FrozenClip, build_clip
+from pipeline.models.clip_artifact import (
+    FROZEN_SPEC_FILE,
+    WEIGHTS_FILE,
+    clip_spec,
+    frozen_clip_spec,
+    load_clip,
+    load_frozen_clip,
+    write_clip_spec,
+)
+from pipeline.models.clip_backbone import build_clip
 from pipeline.stage import StageTimer, start_stage
 from pipeline.train.clip_pretrain import pretrain_clip
 from pipeline.train.loop import TrainingRun
@@ -41,10 +51,15 @@ def main() -> None:
             pretrain_clip(model, bank, corpus, params.pretrain_clip, device, seed=params.base.seed,
                           max_tokens=params.model.max_tokens, run=run)
             run.finish(lambda: torch.save(model.state_dict(), out / WEIGHTS_FILE))
-            write_clip_spec(out, clip_spec(clip_p.name, WEIGHTS_FILE, tiny, params.model.max_tokens))
+            spec = clip_spec(clip_p.name, WEIGHTS_FILE, tiny, params.model.max_tokens)
         else:
-            write_clip_spec(out, clip_spec(clip_p.name, clip_p.pretrained, None, 77))
-        frozen = FrozenClip(load_clip(out)).to(device)
+            spec = clip_spec(clip_p.name, clip_p.pretrained, None, 77)
+        write_clip_spec(out, spec)
+        frozen_p = params.model.frozen_clip
+        write_clip_spec(out, frozen_clip_spec(frozen_p.name, frozen_p.pretrained, spec), FROZEN_SPEC_FILE)
+        if clip_p.pretrained != "embedded" and frozen_p.name != "same":
+            load_clip(out)  # the trained CLIP's weights are not loaded below: check them now
+        frozen = load_frozen_clip(out).to(device)
         split = eval_splits[0]
         ranking = masked_object_ranking(frozen, index.images, index.refs, index.sentences, split,
                                         params.model.max_tokens, frozen.image_size, device)

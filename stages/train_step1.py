@@ -14,8 +14,7 @@ from pipeline import paths
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.models.checkpoints import build_localiser, save_localiser
-from pipeline.models.clip_artifact import load_clip
-from pipeline.models.clip_backbone import FrozenClip
+from pipeline.models.clip_artifact import load_frozen_clip, resolve_calibration_size
 from pipeline.stage import start_distributed_stage
 from pipeline.train.loop import TrainingRun
 from pipeline.train.step1 import localiser_meta, train_step1
@@ -36,7 +35,8 @@ def main() -> None:
     if p.init_projectors == "clip" and not run.resuming and not model.init_projectors_from_clip():
         sys.exit("train_step1: step1.init_projectors=clip needs a ResNet CLIP and model.hidden_dim equal to "
                  "its embedding width; set step1.init_projectors=random or fix model.hidden_dim")
-    frozen = FrozenClip(load_clip(paths.CLIP))
+    frozen = load_frozen_clip(paths.CLIP)
+    p = p.model_copy(update={"calibration_size": resolve_calibration_size(p.calibration_size, frozen)})
     run.run_stage(lambda: train_step1(model, frozen, bank, train, p, device, seed=params.base.seed,
                                       max_tokens=params.model.max_tokens, run=run),
                   lambda trained: save_localiser(paths.STEP1 / "model.pt", trained, meta))

@@ -1,0 +1,120 @@
+"""The frozen CLIP of calibration and PRMS: its params keys, its spec in artifacts/clip, its one loader."""
+
+import copy
+
+import pytest
+import torch
+import yaml
+from tiny_pipeline import ROOT
+
+from pipeline.models.clip_artifact import (
+    FROZEN_SPEC_FILE,
+    WEIGHTS_FILE,
+    clip_spec,
+    frozen_clip_spec,
+    load_clip,
+    load_frozen_clip,
+    resolve_calibration_size,
+    write_clip_spec,
+)
+from pipeline.models.clip_backbone import build_clip
+from pipeline.params import ParamsError, parse_params
+
+TINY = {"embed_dim": 32, "image_size": 64, "vision_layers": [1, 1, 1, 1], "vision_width": 8,
+        "text_width": 32, "text_heads": 2, "text_layers": 1}
+
+
+@pytest.fixture
+def embedded_clip_dir(tmp_path):
+    """artifacts/clip as pretrain_clip writes it for the embedded CLIP (weights + clip.json)."""
+    torch.manual_seed(0)
+    clip = build_clip("tiny-rn", None, tiny=TINY, context_length=20)
+    torch.save(clip.state_dict(), tmp_path / WEIGHTS_FILE)
+    spec = clip_spec("tiny-rn", WEIGHTS_FILE, TINY, 20)
+    write_clip_spec(tmp_path, spec)
+    return tmp_path, spec
+
+
+def test_same_freezes_a_copy_of_the_trained_clip(embedded_clip_dir):
+    clip_dir, spec = embedded_clip_dir
+    write_clip_spec(clip_dir, frozen_clip_spec("same", "same", spec), FROZEN_SPEC_FILE)
+    frozen = load_frozen_clip(clip_dir)
+    clip = load_clip(clip_dir)
+    for key, value in clip.state_dict().items():
+        assert torch.equal(frozen.backbone.clip.state_dict()[key], value), key
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert resolve_calibration_size("auto", frozen) == 64
+    assert resolve_calibration_size(128, frozen) == 128
+
+
+def test_separate_frozen_clip_from_its_own_file(embedded_clip_dir, tmp_path_factory):
+    clip_dir, spec = embedded_clip_dir
+    other = tmp_path_factory.mktemp("weights") / "vit.pt"
+    vit_tiny = {**TINY, "vision_layers": 2}
+    torch.save(build_clip("tiny-vit", None, tiny=vit_tiny, context_length=20).state_dict(), other)
+    write_clip_spec(clip_dir, {**frozen_clip_spec("tiny-vit", str(other), spec), "tiny": vit_tiny},
+                    FROZEN_SPEC_FILE)
+    frozen = load_frozen_clip(clip_dir)
+    assert type(frozen.backbone.clip.visual).__name__ == "VisionTransformer"
+    assert resolve_calibration_size("auto", frozen) == 64
+
+
+def test_open_clip_name_gets_its_own_spec():
+    spec = frozen_clip_spec("ViT-B-32", "/models/ViT-B-32.pt", clip_spec("RN50", "/models/RN50.pt", None, 77))
+    assert spec == {"name": "ViT-B-32", "pretrained": "/models/ViT-B-32.pt", "tiny": None,
+                    "context_length": 77}
+
+
+def test_bad_frozen_path_fails_fast_naming_it(embedded_clip_dir, tmp_path_factory):
+    clip_dir, spec = embedded_clip_dir
+    missing = tmp_path_factory.mktemp("gone") / "ViT-B-32.pt"
+    write_clip_spec(clip_dir, frozen_clip_spec("ViT-B-32", str(missing), spec), FROZEN_SPEC_FILE)
+    with pytest.raises(FileNotFoundError, match="ViT-B-32.pt.*model.frozen_clip.pretrained"):
+        load_frozen_clip(clip_dir)
+
+
+def test_missing_frozen_spec_says_to_rerun_pretrain_clip(embedded_clip_dir):
+    clip_dir, _ = embedded_clip_dir
+    with pytest.raises(FileNotFoundError, match="frozen_clip.json.*pretrain_clip"):
+        load_frozen_clip(clip_dir)
+
+
+def _params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("name, pretrained, ok", [
+    ("same", "same", True),
+    ("ViT-B-32", "/models/ViT-B-32.pt", True),
+    ("ViT-B-32", "openai", True),
+    ("same", "/models/ViT-B-32.pt", False),
+    ("ViT-B-32", "same", False),
+    ("tiny-rn", "embedded", False),
+])
+def test_frozen_clip_params(name, pretrained, ok):
+    raw = copy.deepcopy(_params())
+    raw["model"]["frozen_clip"] = {"name": name, "pretrained": pretrained}
+    if ok:
+        assert parse_params(raw).model.frozen_clip.name == name
+    else:
+        with pytest.raises(ParamsError, match="model.frozen_clip"):
+            parse_params(raw)
+
+
+@pytest.mark.parametrize("value, ok", [(128, True), ("auto", True), (16, False), ("big", False),
+                                       (True, False)])
+def test_calibration_size_is_auto_or_an_int(value, ok):
+    raw = copy.deepcopy(_params())
+    raw["step1"]["calibration_size"] = value
+    if ok:
+        assert parse_params(raw).step1.calibration_size == value
+    else:
+        with pytest.raises(ParamsError, match="step1.calibration_size"):
+            parse_params(raw)
+
+
+def test_frozen_clip_keys_are_required():
+    raw = copy.deepcopy(_params())
+    del raw["model"]["frozen_clip"]["pretrained"]
+    with pytest.raises(ParamsError, match="model.frozen_clip.pretrained"):
+        parse_params(raw)
