@@ -12,6 +12,7 @@ training carries across epochs, so a resumed run is byte-identical to an uninter
 from __future__ import annotations
 
 import shutil
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ class StepOut:
     share: float = 1.0
 
 
-class Training:
+class Training(ABC):
     """What one training supplies to :func:`fit`. Subclasses set the attributes in ``__init__`` and
     implement :meth:`epoch` and :meth:`step`; the other hooks default to nothing."""
 
@@ -62,15 +63,15 @@ class Training:
     epochs: int
     freeze_batchnorm: bool = False
 
+    @abstractmethod
     def epoch(self, epoch: int) -> Epoch:
         """Draw epoch ``epoch``'s batches (0-based)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def step(self, item: Any) -> StepOut:
         """Forward one item of :attr:`Epoch.inputs` and return its loss terms (no backward)."""
-        raise NotImplementedError
 
-    def after_step(self) -> None:
+    def after_step(self) -> None:  # noqa: B027 - an optional hook, empty on purpose
         """Called after each optimiser step (e.g. to clamp a parameter)."""
 
     def metrics(self) -> dict[str, float]:
