@@ -18,14 +18,10 @@ from typing import Any
 
 import torch
 
-from bench.common import best_of, require
+from bench.common import best_of, step1_setup
 from pipeline import paths
-from pipeline.data.index import load_index
-from pipeline.data.samples import ImageBank, split_sentences
+from pipeline.data.samples import ImageBank
 from pipeline.models.checkpoints import build_localiser
-from pipeline.models.clip_artifact import load_frozen_clip, resolve_calibration_size
-from pipeline.params import load_params
-from pipeline.runtime import select_device
 from pipeline.train.loop import Epoch, StepOut, Training, TrainingRun, fit
 from pipeline.train.step1 import Step1Training, localiser_meta
 
@@ -66,17 +62,11 @@ def ratio(loop_images_per_s: float, bare_images_per_s: float) -> float:
 
 
 def run(steps: int = 6, repeats: int = 3) -> dict:
-    require(paths.CLIP, paths.INDEX)
-    params = load_params()
-    device = select_device(params.base.device)
-    index = load_index(paths.INDEX)
-    train = split_sentences(index.images, index.sentences, "train")
-    frozen = load_frozen_clip(paths.CLIP)
-    p = params.step1.model_copy(update={
-        "epochs": 1, "calibration_size": resolve_calibration_size(params.step1.calibration_size, frozen)})
-    bank = ImageBank.from_index(index.images, p.input_size)
+    setup = step1_setup()
+    params, device, p = setup.params, setup.device, setup.step1
+    bank = ImageBank.from_index(setup.index.images, p.input_size)
     training = Step1Training(build_localiser(paths.CLIP, localiser_meta(params, str(paths.CLIP))),
-                             frozen, bank, train, p, device,
+                             setup.frozen, bank, setup.train, p, device,
                              seed=params.base.seed, max_tokens=params.model.max_tokens)
     items = list(training.epoch(0).inputs)[: steps + 1]
     images = sum(len(rows) for rows, _ in items[1:])

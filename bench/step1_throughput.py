@@ -15,26 +15,17 @@ import time
 
 import torch
 
-from bench.common import require
+from bench.common import require, step1_setup
 from pipeline import paths
-from pipeline.data.index import load_index
-from pipeline.data.samples import ImageBank, split_sentences
+from pipeline.data.samples import ImageBank
 from pipeline.models.checkpoints import build_localiser
-from pipeline.models.clip_artifact import load_frozen_clip, resolve_calibration_size
-from pipeline.params import load_params
-from pipeline.runtime import select_device
 from pipeline.train.step1 import localiser_meta, train_step1
 
 
 def images_per_second(steps: int, amp: bool) -> tuple[float, str]:
-    params = load_params()
-    device = select_device(params.base.device)
-    index = load_index(paths.INDEX)
-    train = split_sentences(index.images, index.sentences, "train")
-    frozen = load_frozen_clip(paths.CLIP)
-    cfg = params.step1.model_copy(update={
-        "epochs": 1, "amp": amp,
-        "calibration_size": resolve_calibration_size(params.step1.calibration_size, frozen)})
+    setup = step1_setup(amp=amp)
+    params, device, index, train, frozen, cfg = (setup.params, setup.device, setup.index, setup.train,
+                                                 setup.frozen, setup.step1)
     shared = {"seed": params.base.seed, "max_tokens": params.model.max_tokens}
     # one sentence per image and exactly `steps` full batches (+ 1 warm-up) of distinct images
     images = train["image_id"].drop_duplicates().to_numpy()[: (steps + 1) * cfg.batch_size]
