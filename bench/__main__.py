@@ -5,6 +5,10 @@ run on this machine, each beside its goal.
     python -m bench --in-place    # the full repro as `dvc repro --force` here (rebuilds artifacts/)
     python -m bench --quick       # no full repro (no-op repro of this checkout only)
 
+The RefCOCO-scale costs (``bench.refcoco_scale``: a RefCOCO-sized REFER set indexed and stored, per-object
+PRMS / refinement at 640x480, 1 -> 2 process scaling, projected make_pseudo_masks times) follow as a
+second table; ``--no-refcoco`` skips them (~10 min on 2 cores).
+
 The other benchmarks read the artifacts of a finished `dvc repro` of this checkout (model, index,
 stores); with ``--in-place`` they read the ones the timed run has just built.
 """
@@ -22,6 +26,7 @@ from bench import (
     loop_overhead,
     prms_calls,
     random_walk_memory,
+    refcoco_scale,
     repro_time,
     step1_throughput,
     storage,
@@ -44,6 +49,7 @@ def main() -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--quick", action="store_true", help="skip the full dvc repro")
     group.add_argument("--in-place", action="store_true", help="time `dvc repro --force` in this checkout")
+    parser.add_argument("--no-refcoco", action="store_true", help="skip the RefCOCO-scale table")
     args = parser.parse_args()
     rows: list[tuple[str, str, str]] = []
 
@@ -92,6 +98,9 @@ def main() -> None:
     print("| benchmark | measured | goal |\n|---|---|---|")
     for what, figure, goal in rows:
         print(f"| {what} | {figure} | {goal} |")
+    if not args.no_refcoco:
+        print()
+        print(refcoco_scale.report(refcoco_scale.run()))
 
 
 if __name__ == "__main__":

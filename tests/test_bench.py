@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import loop_overhead, random_walk_memory, repro_time, storage
+from bench import loop_overhead, random_walk_memory, refcoco_scale, repro_time, storage
 from bench.common import directory_bytes
 from pipeline.store import PSEUDO_MASK_SCHEMA, RESPONSE_SCHEMA, RecordWriter
 from pipeline.train.loop import Epoch, StepOut, Training, TrainingRun
@@ -71,3 +71,53 @@ def test_loop_and_bare_sides_step_through_the_same_batches_once(tmp_path):
     assert [id(x) for x in training.seen] == [id(x) for x in items + items]  # one pass each, in order
     assert training.scheduler.last_epoch == 8 and (tmp_path / "r.pt").is_file()  # the loop checkpoints
     assert loop_overhead.ratio(45.0, 50.0) == pytest.approx(0.9)
+
+
+def test_refcoco_sized_set_has_the_release_split_counts_and_indexes_whole(tmp_path):
+    """The generated set is REFER's layout with RefCOCO's per-split counts (scaled), and the index stage's
+    own functions keep every ref of it: the bench times real work, not a set the index rejects."""
+    from pipeline.data.index import build_index
+    from pipeline.data.refer import load_refer
+
+    data = refcoco_scale.write_refcoco_sized(tmp_path, scale=0.002, workers=1)
+    refs, instances = load_refer(tmp_path, "refcoco", "unc")
+    tables, report = build_index(refs, instances, tmp_path / "images")
+    expected = refcoco_scale.split_counts(0.002)
+    assert report["kept"]["refs"] == data["refs"] == sum(r for _, r, _ in expected.values())
+    sentences = tables["sentences"].to_pandas()
+    images = tables["images"].to_pandas()
+    refs_table = tables["refs"].to_pandas()
+    for split, (n_img, n_ref, n_sent) in expected.items():
+        assert (sentences["split"] == split).sum() == n_sent
+        assert (refs_table["split"] == split).sum() == n_ref
+        assert refs_table.loc[refs_table["split"] == split, "image_id"].nunique() == n_img
+    assert set(images["width"]) == {640} and set(images["height"]) == {480}
+    assert refcoco_scale.split_counts(1.0)["train"] == (16_994, 42_404, 120_624)
+    full = refcoco_scale.split_counts(1.0).values()
+    assert [sum(c[k] for c in full) for k in range(3)] == [19_994, 50_000, 142_210]
+
+
+def test_refcoco_scale_projection_divides_the_parallel_work_and_adds_the_serial_part():
+    costs = {"ranks_speedup": 1.8, "split": (10, 100, 300), "decode_s": 0.01, "affinity_s": 50.0,
+             "per_masked_image_s": 0.1, "per_sentence_text_s": 0.02}
+    work = 10 * 0.01 + 100 * 0.5
+    assert refcoco_scale.project(costs, 4, 0.5, False) == pytest.approx(work / (4 * 0.9) + 50)
+    with_prms = work + 300 * 0.12
+    assert refcoco_scale.project(costs, 4, 0.5, True) == pytest.approx(with_prms / (4 * 0.9) + 50)
+    superlinear = {**costs, "ranks_speedup": 2.5}  # efficiency is capped at 1
+    assert refcoco_scale.project(superlinear, 4, 0.5, False) == pytest.approx(work / 4 + 50)
+
+
+@pytest.mark.slow
+def test_refcoco_scale_bench_measures_every_figure_on_a_small_set():
+    r = refcoco_scale.run(scale=0.002, objects=4)
+    assert r["refs"] == r["index"]["kept_refs"] and r["index"]["peak_bytes"] > 0
+    assert r["stores"]["sentences"] == r["sentences"]
+    assert r["stores"]["objects"] == refcoco_scale.split_counts(0.002)["train"][1]
+    assert 0 < r["stores"]["responses_per_sentence"] < 10 * 10 * 2 * 4  # compressed below raw float16 x4
+    costs = r["costs"]
+    assert costs["per_object_full_s"] > costs["per_object_working_s"] > 0
+    assert costs["ranks_speedup"] > 0 and costs["workers_speedup"] > 0
+    table = refcoco_scale.report(r)
+    rows = len(refcoco_scale.PROJECTED_CORES)
+    assert "PROJECTED" in table and table.count("| RefCOCO") == len(refcoco_scale.TRAIN_SPLITS) * rows
