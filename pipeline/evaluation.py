@@ -23,10 +23,27 @@ from pipeline.params import EvaluateParams
 from pipeline.store import RecordStore
 
 
+def upsample_response(response: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A stored low-resolution response, bilinearly up-sampled to the original image size (raw values)."""
+    low = torch.from_numpy(np.asarray(response, dtype=np.float32))[None]
+    return upsample(low, (height, width))[0].numpy()
+
+
 def response_to_prob(response: np.ndarray, height: int, width: int) -> np.ndarray:
     """A stored low-resolution response as a [0, 1] map at the original image size."""
-    up = upsample(torch.from_numpy(np.asarray(response, dtype=np.float32))[None], (height, width))[0]
-    return minmax_normalize(up).numpy()
+    return minmax_normalize(upsample_response(response, height, width))
+
+
+def authors_binary(raw: np.ndarray) -> np.ndarray:
+    """Step-1 binarisation of the authors' evaluation code: ReLU, divide by the maximum, keep ``> 0``.
+
+    That keeps every pixel whose raw response (a temperature-scaled cosine) is positive, however weak,
+    and nothing when no pixel is; this project's own protocol (min-max, ``>= evaluate.threshold``)
+    keeps the upper part of every map. Both are reported so Step-1 mIoU / P@X compare with the paper's.
+    """
+    positive = np.maximum(np.asarray(raw, dtype=np.float32), 0.0)
+    peak = float(positive.max()) if positive.size else 0.0
+    return positive / peak > 0 if peak > 0 else np.zeros(positive.shape, dtype=bool)
 
 
 class GroundTruth:
@@ -57,19 +74,31 @@ def score_maps(items: Iterable[tuple[int, int, np.ndarray]], gt: GroundTruth,
     return aggregate(scores), pd.DataFrame.from_records(records)
 
 
+AUTHORS_KEY = "authors_binarisation"
+
+
 def evaluate_responses(store: RecordStore, split: str, gt: GroundTruth,
                        params: EvaluateParams) -> tuple[dict, pd.DataFrame]:
-    """Metrics of the Step-1 maps of one split (binarised at ``params.threshold``), plus the chance
-    PointM baselines beside them."""
-
-    def items():
-        for batch in store.iter_batches(split, 256):
-            for k in range(len(batch["sent_id"])):
-                prob = response_to_prob(batch["response"][k], int(batch["height"][k]), int(batch["width"][k]))
-                yield int(batch["sent_id"][k]), int(batch["ref_id"][k]), prob
-
-    metrics, table = score_maps(items(), gt, params.threshold)
+    """Metrics of the Step-1 maps of one split (min-max normalised, binarised at ``params.threshold``),
+    the chance PointM baselines beside them, and under ``authors_binarisation`` the same maps scored
+    with the authors' binarisation (:func:`authors_binary`; the maximum point, hence PointM / PointIt,
+    is the same)."""
+    records, ours, authors = [], [], []
+    for batch in store.iter_batches(split, 256):
+        for k in range(len(batch["sent_id"])):
+            ref_id = int(batch["ref_id"][k])
+            raw = upsample_response(batch["response"][k], int(batch["height"][k]), int(batch["width"][k]))
+            prob = minmax_normalize(raw)
+            mask, box = gt.mask(ref_id), gt.box(ref_id)
+            ours.append(score_sentence(prob, mask, box, params.threshold))
+            authors.append(score_sentence(prob, mask, box, binary=authors_binary(raw)))
+            records.append({"sent_id": int(batch["sent_id"][k]), "ref_id": ref_id, **asdict(ours[-1])})
+    if not records:
+        raise ValueError(f"responses store: split {split!r} has no sentences")
+    table = pd.DataFrame.from_records(records)
+    metrics = aggregate(ours)
     metrics.update(chance_baselines(gt.mask(int(r)) for r in table["ref_id"]))
+    metrics[AUTHORS_KEY] = aggregate(authors)
     return metrics, table
 
 

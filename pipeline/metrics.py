@@ -136,12 +136,14 @@ class SentenceScore:
 
 
 def score_sentence(
-    prob_map: np.ndarray, gt_mask: np.ndarray, gt_box: Sequence[float], threshold: float = 0.5
+    prob_map: np.ndarray, gt_mask: np.ndarray, gt_box: Sequence[float], threshold: float = 0.5,
+    binary: np.ndarray | None = None,
 ) -> SentenceScore:
     """Score one sentence's map, already at the original image size ``(H, W)``.
 
-    The binary prediction is ``prob_map >= threshold``; a bool ``prob_map`` is used as the binary
-    prediction directly (``threshold`` is then ignored) and its maximum point is its first True pixel.
+    The binary prediction is ``binary`` when given (another binarisation protocol of the same map),
+    else ``prob_map >= threshold``; a bool ``prob_map`` is used as the binary prediction directly
+    (``threshold`` is then ignored) and its maximum point is its first True pixel.
     PointM / PointIt use the maximum point of ``prob_map``; Acc_box follows :func:`box_accuracy_hit`.
     """
     prob_map = _check_2d("prob_map", prob_map)
@@ -150,7 +152,10 @@ def score_sentence(
         raise ValueError(f"map shape {prob_map.shape} != ground-truth mask shape {gt_mask.shape}")
     if len(gt_box) != 4:
         raise ValueError(f"gt_box must be COCO [x, y, w, h], got {gt_box!r}")
-    binary = prob_map if prob_map.dtype == bool else prob_map >= threshold
+    if binary is None:
+        binary = prob_map if prob_map.dtype == bool else prob_map >= threshold
+    elif np.shape(binary) != prob_map.shape:
+        raise ValueError(f"binary shape {np.shape(binary)} != map shape {prob_map.shape}")
     point = point_from_map(prob_map)
     inter, union = mask_iou_terms(binary, gt_mask)
     return SentenceScore(

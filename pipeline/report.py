@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from pipeline.evaluation import AUTHORS_KEY
+
 KEYS = ("mIoU", "oIoU", "P@0.5", "P@0.7", "P@0.9", "PointM", "PointIt", "Acc_box")
 
 
@@ -18,7 +20,9 @@ def summary_markdown(metrics: Mapping, gallery_link: str | None = None) -> str:
     """A per-split table of Step-1 and Step-2 metrics beside the chance PointM baselines."""
     lines = ["# TRIS pipeline summary", "",
              "Metrics on each evaluation split (fractions in [0, 1]). Chance: PointM of the image centre "
-             "and of a uniformly random point.", "",
+             "and of a uniformly random point. Step-1 masks are min-max normalised maps >= "
+             "evaluate.threshold; the authors' binarisation keeps every positive pixel (ReLU, / max, > 0).",
+             "",
              "| split | model | " + " | ".join(KEYS) + " | n |",
              "|---|---|" + "---|" * (len(KEYS) + 1)]
     for split in metrics["step1"]:
@@ -28,6 +32,10 @@ def summary_markdown(metrics: Mapping, gallery_link: str | None = None) -> str:
                 continue
             cells = " | ".join(f"{row[k]:.3f}" for k in KEYS)
             lines.append(f"| {split} | {name.replace('step', 'Step-')} | {cells} | {row['n']} |")
+            authors = row.get(AUTHORS_KEY)
+            if authors is not None:
+                cells = " | ".join(f"{authors[k]:.3f}" for k in KEYS)
+                lines.append(f"| {split} | Step-1, authors' binarisation | {cells} | {authors['n']} |")
         s1 = metrics["step1"][split]
         if "PointM_center" in s1:
             lines.append(f"| {split} | chance | | | | | | centre {s1['PointM_center']:.3f}, uniform "
