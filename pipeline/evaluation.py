@@ -13,11 +13,12 @@ from dataclasses import asdict
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 from pipeline.data.index import decode_mask
 from pipeline.data.samples import ImageBank
 from pipeline.maps import clip_normalize, minmax_normalize, upsample
-from pipeline.metrics import aggregate, chance_baselines, score_sentence
+from pipeline.metrics import aggregate, chance_baselines, iou, score_sentence
 from pipeline.models.clip_backbone import tokenize
 from pipeline.params import EvaluateParams
 from pipeline.store import RecordStore
@@ -121,3 +122,19 @@ def iter_segmenter_probs(model: torch.nn.Module, bank: ImageBank, sentences: pd.
             # which would turn the PointM / PointIt argmax into "first saturated pixel in raster order"
             up = upsample(logits[k:k + 1], (int(row.height), int(row.width)))[0].double()
             yield int(row.sent_id), int(row.ref_id), torch.sigmoid(up).numpy()
+
+
+def object_ious(masks: dict[int, np.ndarray], objects: pd.DataFrame, gt: GroundTruth) -> np.ndarray:
+    """IoU of each object's S x S pseudo-mask (``masks[ref_id]``), resized to its image, against its GT
+    (a diagnostic: nothing trains on it). ``objects`` has ``ref_id``, ``height`` and ``width``."""
+    ious = []
+    for row in objects.itertuples():
+        mask = Image.fromarray(masks[row.ref_id].astype(np.uint8))
+        up = mask.resize((row.width, row.height), Image.NEAREST)
+        ious.append(iou(np.asarray(up, dtype=bool), gt.mask(row.ref_id)))
+    return np.asarray(ious)
+
+
+def quality(ious: np.ndarray) -> dict:
+    """mIoU and P@0.5 of per-object IoUs."""
+    return {"mIoU": round(float(ious.mean()), 4), "P@0.5": round(float((ious >= 0.5).mean()), 4)}

@@ -150,14 +150,21 @@ def make_pseudo_masks(selection: Selection, bank: ImageBank, params: PseudoMaskP
         if params.walk_seed == "confident":  # walk from the CRF-confident foreground, not the whole map
             for ref, lab in zip(rows["ref_id"], labels, strict=True):
                 seeds[int(ref)] = seeds[int(ref)] * (lab == 1)
-    masks = {}
+    refined = refined_maps(objects, seeds, bank, params, net)
+    return {ref: to_pseudo_mask(soft, params.threshold, params.keep) for ref, soft in refined.items()}, net
+
+
+def refined_maps(objects: pd.DataFrame, seeds: dict[int, np.ndarray], bank: ImageBank,
+                 params: PseudoMaskParams, net: AffinityNet | None) -> dict[int, np.ndarray]:
+    """ref_id -> refined soft map at S x S (``params.refine``), image by image: all objects of an image
+    share one boundary map and one batched random walk. Thresholding is left to the caller."""
+    out: dict[int, np.ndarray] = {}
     for image_id, group in progress(list(objects.groupby("image_id", sort=True)), desc="refine"):
         image = bank.get(int(image_id)).permute(1, 2, 0).numpy()
         refs = group["ref_id"].astype(int).tolist()
         refined = refine_map(image, np.stack([seeds[r] for r in refs]), params, affinity_net=net)
-        for ref, soft in zip(refs, refined, strict=True):
-            masks[ref] = to_pseudo_mask(soft, params.threshold, params.keep)
-    return masks, net
+        out.update(zip(refs, refined, strict=True))
+    return out
 
 
 def _train_shared_affinity(rows: pd.DataFrame, labels: list[np.ndarray], global_rows: np.ndarray,

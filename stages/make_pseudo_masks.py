@@ -10,34 +10,17 @@ store shards and writes them (no shard has two writers); see :mod:`pipeline.pseu
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
 from pipeline import paths
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
-from pipeline.evaluation import GroundTruth
-from pipeline.metrics import iou
+from pipeline.evaluation import GroundTruth, object_ious, quality
 from pipeline.models.clip_artifact import load_frozen_clip, resolve_calibration_size
 from pipeline.pseudo_labels import load_split_responses, make_pseudo_masks, select_responses
 from pipeline.refine.pseudo_mask import to_pseudo_mask
 from pipeline.stage import StageTimer, start_distributed_stage
 from pipeline.store import PSEUDO_MASK_SCHEMA, RecordWriter, open_responses
-
-
-def object_ious(masks: dict, objects, gt: GroundTruth) -> np.ndarray:
-    """IoU of each object's S x S mask against its GT at the original size (diagnostic only)."""
-    ious = []
-    for row in objects.itertuples():
-        mask = Image.fromarray(masks[row.ref_id].astype(np.uint8))
-        up = mask.resize((row.width, row.height), Image.NEAREST)
-        ious.append(iou(np.asarray(up, dtype=bool), gt.mask(row.ref_id)))
-    return np.asarray(ious)
-
-
-def quality(ious: np.ndarray) -> dict:
-    """mIoU and P@0.5 of per-object IoUs."""
-    return {"mIoU": round(float(ious.mean()), 4), "P@0.5": round(float((ious >= 0.5).mean()), 4)}
 
 
 def main() -> None:

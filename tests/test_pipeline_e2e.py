@@ -4,8 +4,12 @@ each), through the same stage scripts `dvc repro` runs. Marked slow; `make test`
 Run twice with one seed, the pipeline must give identical metrics (CPU determinism).
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
-from tiny_pipeline import run_pipeline
+from tiny_pipeline import ROOT, run_pipeline
 
 
 @pytest.mark.slow
@@ -22,6 +26,21 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
     assert (reports / "step1_gallery" / "index.html").is_file()
     assert (reports / "gallery" / "index.html").is_file()
     assert (tmp_path / "a" / "artifacts" / "step1" / "live").is_dir()
+    assert "Step-1, authors' binarisation" in (reports / "summary.md").read_text()
+    for split in first["step1"].values():
+        assert split["authors_binarisation"]["PointM"] == split["PointM"]
+
+    # the refinement settings are chosen on val from what the stages built (issue 14, finding 6)
+    out = tmp_path / "refinement-on-val.md"
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "choose_refinement.py"), "--conf-fg", "0.6",
+                           "0.7", "--thresholds", "0.35", "0.6", "--out", str(out)], cwd=tmp_path / "a",
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = out.read_text()
+    rows = [line for line in table.splitlines() if line.startswith(("| 0.6 |", "| 0.7 |"))]
+    values = [float(v.strip(" *")) for line in rows for v in line.split("|")[2:-1]]
+    assert len(values) == 4 and all(0.0 <= v <= 1.0 for v in values) and table.count("**") == 2
 
     second = run_pipeline(tmp_path / "b")
     assert second == first, "two CPU runs with one seed must give identical metrics"
