@@ -42,5 +42,15 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
     values = [float(v.strip(" *")) for line in rows for v in line.split("|")[2:-1]]
     assert len(values) == 4 and all(0.0 <= v <= 1.0 for v in values) and table.count("**") == 2
 
+    # how often Eq. 8's positive term is clamped dead (issue 14, finding 2), at init and trained
+    script = str(ROOT / "scripts" / "calibration_gradient.py")
+    done = subprocess.run([sys.executable, script, "--images", "16"], cwd=tmp_path / "a", env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[2:-1] for line in done.stdout.splitlines()
+            if line.startswith(("| at ", "| trained"))]
+    assert len(rows) == 2 and all(0.0 <= float(rows[r][0]) <= 1.0 for r in (0, 1))
+    assert all(0.0 <= float(rows[r][3]) <= 1.0 for r in (0, 1))
+
     second = run_pipeline(tmp_path / "b")
     assert second == first, "two CPU runs with one seed must give identical metrics"
