@@ -19,14 +19,15 @@ from pipeline.models.clip_backbone import FrozenClip, tokenize
 
 
 @torch.no_grad()
-def masked_object_ranking(frozen: FrozenClip, images: pd.DataFrame, refs: pd.DataFrame,
-                          sentences: pd.DataFrame, split: str, max_tokens: int, size: int,
-                          device: torch.device, max_images: int | None = None) -> dict:
-    """How often the frozen CLIP scores the target's GT-masked image above every other object's
-    GT-masked image of the same image, for the target's own expression (vs chance 1/objects)."""
+def masked_object_hits(frozen: FrozenClip, images: pd.DataFrame, refs: pd.DataFrame, sentences: pd.DataFrame,
+                       split: str, max_tokens: int, size: int, device: torch.device,
+                       max_images: int | None = None) -> pd.DataFrame:
+    """Per expression of ``split`` (images with two or more referred objects): ``sent_id``, ``text``,
+    ``hit`` (the frozen CLIP scores the target's GT-masked image above every other object's GT-masked
+    image of the same image) and ``objects`` (how many it chose among)."""
     split_refs = refs[refs["split"] == split]
     image_rows = images.set_index("image_id")
-    hits, total, chance = 0, 0, []
+    records = []
     for n, (image_id, group) in enumerate(split_refs.groupby("image_id", sort=True)):
         if max_images is not None and n >= max_images:
             break
@@ -44,13 +45,22 @@ def masked_object_ranking(frozen: FrozenClip, images: pd.DataFrame, refs: pd.Dat
         txt_emb = frozen.encode_text(tokenize(sents["text"].tolist(), max_tokens).to(device))
         sims = txt_emb @ img_emb.T  # (sentences, objects)
         target = torch.as_tensor([int(np.flatnonzero(ref_ids == r)[0]) for r in sents["ref_id"]])
-        hits += int((sims.argmax(dim=1).cpu() == target).sum())
-        total += len(sents)
-        chance += [1.0 / len(group)] * len(sents)
-    if total == 0:
+        hits = (sims.argmax(dim=1).cpu() == target).tolist()
+        records += [{"sent_id": int(s), "text": t, "hit": bool(h), "objects": len(group)}
+                    for s, t, h in zip(sents["sent_id"], sents["text"], hits, strict=True)]
+    if not records:
         raise ValueError(f"split {split!r}: no image with two or more referred objects")
-    return {"split": split, "rate": round(hits / total, 4), "chance": round(float(np.mean(chance)), 4),
-            "n": total}
+    return pd.DataFrame.from_records(records)
+
+
+def masked_object_ranking(frozen: FrozenClip, images: pd.DataFrame, refs: pd.DataFrame,
+                          sentences: pd.DataFrame, split: str, max_tokens: int, size: int,
+                          device: torch.device, max_images: int | None = None) -> dict:
+    """How often the frozen CLIP scores the target's GT-masked image above every other object's
+    GT-masked image of the same image, for the target's own expression (vs chance 1/objects)."""
+    hits = masked_object_hits(frozen, images, refs, sentences, split, max_tokens, size, device, max_images)
+    return {"split": split, "rate": round(float(hits["hit"].mean()), 4),
+            "chance": round(float((1.0 / hits["objects"]).mean()), 4), "n": len(hits)}
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
-"""The retrieval ceiling counts how many candidate expressions are true of an image (issue 14: on the
-synthetic world many expressions of other images also single out an object of this one)."""
+"""Diagnostics of the synthetic expressions (issue 14). The retrieval ceiling counts how many candidate
+expressions are true of an image (on the synthetic world many expressions of other images also single
+out an object of this one); the masked-object ranking is split by expression family."""
 
 import pandas as pd
 import pytest
@@ -20,3 +21,16 @@ def test_an_expression_true_of_two_images_halves_the_oracle_ceiling():
     # image 3: "the red square" is true of it too (1/2)
     assert r["ceiling"] == pytest.approx((0.5 + 1 + 0.5) / 3, abs=1e-4)
     assert r["true_candidates_mean"] == pytest.approx(5 / 3, abs=0.01) and r["n"] == 3
+
+
+def test_ranking_by_family_splits_the_masked_object_hits_by_what_the_expression_names():
+    from scripts.ranking_by_family import expression_family, ranking_by_family
+
+    assert [expression_family(t) for t in ("the red square", "the leftmost square", "one left of the star")] \
+        == ["attribute", "position", "relation"]
+    hits = pd.DataFrame({"text": ["the red square", "big blue circle", "one left of the star"],
+                         "hit": [True, False, True], "objects": [2, 4, 4]})
+    table = ranking_by_family(hits).set_index("family")
+    assert table.loc["attribute", "rate"] == 0.5 and table.loc["attribute", "chance"] == pytest.approx(0.375)
+    assert table.loc["relation", "n"] == 1 and "position" not in table.index
+    assert table.loc["all", "rate"] == pytest.approx(2 / 3) and table.loc["all", "n"] == 3
