@@ -4,6 +4,7 @@ each), through the same stage scripts `dvc repro` runs. Marked slow; `make test`
 Run twice with one seed, the pipeline must give identical metrics (CPU determinism).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -51,6 +52,15 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
             if line.startswith(("| at ", "| trained"))]
     assert len(rows) == 2 and all(0.0 <= float(rows[r][0]) <= 1.0 for r in (0, 1))
     assert all(0.0 <= float(rows[r][3]) <= 1.0 for r in (0, 1))
+
+    # the masked-object ranking by expression family reproduces pretrain_clip's overall figure
+    script = str(ROOT / "scripts" / "ranking_by_family.py")
+    done = subprocess.run([sys.executable, script], cwd=tmp_path / "a", env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    overall = next(line for line in done.stdout.splitlines() if line.startswith("| all |"))
+    diagnostic = json.loads((reports / "clip_diagnostic.json").read_text())
+    assert float(overall.split("|")[2]) == pytest.approx(diagnostic["rate"], abs=5e-4)
 
     second = run_pipeline(tmp_path / "b")
     assert second == first, "two CPU runs with one seed must give identical metrics"
