@@ -8,8 +8,12 @@ make_pseudo_masks builds train pseudo-masks without any ground truth, but two of
 cut of the refined map), decide how good they are. This script runs the stage's own pipeline (PRMS, CRF
 seeds, the affinity net that make_pseudo_masks trained on train's confident labels, random walk,
 threshold, ``keep``) on the objects of the **val** split, whose ground truth is held out for exactly
-this, and tabulates val pseudo-mask mIoU for every pair. ``params.yaml`` is left alone: set the chosen
-pair there and say so (README, "Settings chosen on val").
+this, and tabulates val pseudo-mask mIoU for every pair. ``params.yaml`` is left alone.
+
+Pseudo-mask quality is a proxy: on the embedded default the threshold it prefers (0.6) gives a worse
+Step-2 on val than 0.35, because Step-2 learns the masks' extent. So take ``conf_fg`` from this table,
+and confirm the threshold through Step-2 on val with ``dvc exp run -S pseudo_masks.threshold=T``
+(README, "Settings chosen on val"; ``docs/refinement-on-val.md``).
 
 The affinity net is the trained one in ``artifacts/affinity`` (its training labels used the current
 ``conf_fg`` / ``conf_bg``); only the seeds and the cut change per row, so the table is cheap. The
