@@ -225,8 +225,7 @@ def _objects_of(root: Path, polygons: dict[int, list[list[float]]], n: int
 
     out = []
     for image_id in sorted(polygons):
-        # writable: pydensecrf refuses read-only buffers
-        image = np.array(Image.open(root / "images" / f"COCO_train2014_{image_id:012d}.jpg").convert("RGB"))
+        image = np.asarray(Image.open(root / "images" / f"COCO_train2014_{image_id:012d}.jpg").convert("RGB"))
         for flat in polygons[image_id]:
             rle = mask_utils.frPyObjects([flat], *COCO_SIZE)
             mask = mask_utils.decode(rle)[..., 0].astype(np.float32)
@@ -239,7 +238,7 @@ def _objects_of(root: Path, polygons: dict[int, list[list[float]]], n: int
 
 def _stretch(array: np.ndarray, size: int) -> np.ndarray:
     image = Image.fromarray(array if array.ndim == 3 else array.astype(np.float32))
-    return np.array(image.resize((size, size), Image.BILINEAR))  # writable, as ImageBank's
+    return np.asarray(image.resize((size, size), Image.BILINEAR))
 
 
 def refine_objects(task: tuple[list[tuple[np.ndarray, np.ndarray]], dict, int | None]) -> float:

@@ -87,3 +87,13 @@ def test_unknown_or_missing_crf_key_is_rejected():
     del good["iterations"]
     with pytest.raises(ValueError, match="iterations"):
         CrfParams.model_validate(good)
+
+
+def test_read_only_images_are_accepted():
+    """``np.asarray(PIL image)`` is read-only; pydensecrf refuses a read-only buffer, so the CRF must copy
+    it rather than fail with "buffer source array is read-only"."""
+    image, coarse, _ = disc_scene()
+    writable = confident_labels(image, coarse, conf_fg=0.30, conf_bg=0.05, crf=CRF)
+    image.setflags(write=False)
+    assert np.array_equal(confident_labels(image, coarse, conf_fg=0.30, conf_bg=0.05, crf=CRF), writable)
+    assert crf_refine(image, coarse, CRF).shape == coarse.shape

@@ -27,8 +27,9 @@ def _marginals(image: np.ndarray, unary: np.ndarray, n_labels: int, crf: CrfPara
     model = dcrf.DenseCRF2D(w, h, n_labels)
     model.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     model.addPairwiseGaussian(sxy=crf.gaussian_sxy, compat=crf.gaussian_compat)
-    # pydensecrf reads the raw buffer: the image must be C-contiguous uint8 (H, W, 3)
-    rgb = np.ascontiguousarray(image, dtype=np.uint8)
+    # pydensecrf reads the raw buffer: a C-contiguous uint8 (H, W, 3) that is writable (it refuses a
+    # read-only one, e.g. np.asarray of a PIL image, which np.ascontiguousarray would pass through)
+    rgb = np.array(image, dtype=np.uint8, order="C", copy=True)
     model.addPairwiseBilateral(sxy=crf.bilateral_sxy, srgb=crf.bilateral_srgb, rgbim=rgb,
                                compat=crf.bilateral_compat)
     q = model.inference(int(crf.iterations))
