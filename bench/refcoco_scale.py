@@ -303,7 +303,7 @@ def measure_prms(objects: list, size: int, max_tokens: int) -> dict:
 
     torch.manual_seed(0)
     frozen = FrozenClip(open_clip.create_model("ViT-B-32"))
-    images = torch.stack([torch.from_numpy(_stretch(im, size)).permute(2, 0, 1) for im, _ in objects[:32]])
+    images = torch.stack([torch.tensor(_stretch(im, size)).permute(2, 0, 1) for im, _ in objects[:32]])
     maps = torch.from_numpy(np.stack([_stretch(m, RESPONSE_MAP) for _, m in objects[:32]]))
     with torch.no_grad():
         masked = mask_images(images.float() / 255, maps, frozen.image_size)
