@@ -48,6 +48,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from bench.common import ROOT, best_of, directory_bytes
+from pipeline.data.samples import stretch_resize
 from pipeline.params import PseudoMaskParams, load_params
 
 # (images, refs, sentences) per split of RefCOCO unc, as released.
@@ -237,8 +238,10 @@ def _objects_of(root: Path, polygons: dict[int, list[list[float]]], n: int
 
 
 def _stretch(array: np.ndarray, size: int) -> np.ndarray:
-    image = Image.fromarray(array if array.ndim == 3 else array.astype(np.float32))
-    return np.asarray(image.resize((size, size), Image.BILINEAR))
+    """An RGB image as ImageBank stretches it, or a float map resized the same way."""
+    if array.ndim == 3:
+        return stretch_resize(array, size)
+    return np.asarray(Image.fromarray(array.astype(np.float32)).resize((size, size), Image.BILINEAR))
 
 
 def refine_objects(task: tuple[list[tuple[np.ndarray, np.ndarray]], dict, int | None]) -> float:

@@ -7,6 +7,9 @@ calibration and PRMS).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from itertools import islice
+
 import numpy as np
 import pandas as pd
 import torch
@@ -63,6 +66,19 @@ def masked_object_ranking(frozen: FrozenClip, images: pd.DataFrame, refs: pd.Dat
             "chance": round(float((1.0 / hits["objects"]).mean()), 4), "n": len(hits)}
 
 
+def retrieval_candidates(image_ids: np.ndarray, candidates: int,
+                         seed: int) -> Iterator[tuple[int, np.ndarray]]:
+    """The candidate draws of :func:`expression_retrieval`, image by image in sorted order: ``(image_id,
+    rows)`` where ``rows[0]`` is one of the image's own sentences and the rest are ``candidates - 1``
+    sentences of other images (fewer on small splits), positions in ``image_ids`` (one per sentence)."""
+    rng = np.random.default_rng(seed)
+    for image_id in np.unique(image_ids):
+        own = np.flatnonzero(image_ids == image_id)
+        others = np.flatnonzero(image_ids != image_id)
+        negatives = rng.choice(others, min(candidates - 1, len(others)), replace=False)
+        yield int(image_id), np.concatenate([rng.choice(own, 1), negatives])
+
+
 @torch.no_grad()
 def expression_retrieval(frozen: FrozenClip, images: pd.DataFrame, sentences: pd.DataFrame, split: str,
                          max_tokens: int, size: int, device: torch.device, candidates: int = 48,
@@ -79,18 +95,14 @@ def expression_retrieval(frozen: FrozenClip, images: pd.DataFrame, sentences: pd
     texts = split_sents["text"].tolist()
     txt_emb = torch.cat([frozen.encode_text(tokenize(texts[i:i + 256], max_tokens).to(device))
                          for i in range(0, len(texts), 256)])
-    rng = np.random.default_rng(seed)
+    draws = retrieval_candidates(image_ids, candidates, seed)
     hits, chance = 0, []
     for start in range(0, len(unique_ids), 64):
         chunk = unique_ids[start:start + 64]
         batch = np.stack([stretch_resize(read_image_rgb(paths.loc[i]), size) for i in chunk])
         img = frozen.encode_image(clip_normalize(
             torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255).to(device)))
-        for row, image_id in enumerate(chunk):
-            own = np.flatnonzero(image_ids == image_id)
-            others = np.flatnonzero(image_ids != image_id)
-            negatives = rng.choice(others, min(candidates - 1, len(others)), replace=False)  # small splits
-            cand = np.concatenate([rng.choice(own, 1), negatives])
+        for row, (_, cand) in enumerate(islice(draws, len(chunk))):  # the draws of this chunk's images
             chance.append(1 / len(cand))
             sims = txt_emb[torch.as_tensor(cand, device=device)] @ img[row]
             hits += int(sims.argmax().item() == 0)

@@ -38,13 +38,12 @@ def response_to_prob(response: np.ndarray, height: int, width: int) -> np.ndarra
 def authors_binary(raw: np.ndarray) -> np.ndarray:
     """Step-1 binarisation of the authors' evaluation code: ReLU, divide by the maximum, keep ``> 0``.
 
-    That keeps every pixel whose raw response (a temperature-scaled cosine) is positive, however weak,
-    and nothing when no pixel is; this project's own protocol (min-max, ``>= evaluate.threshold``)
-    keeps the upper part of every map. Both are reported so Step-1 mIoU / P@X compare with the paper's.
+    Dividing by a positive maximum changes no sign, so that is ``raw > 0``: every pixel whose raw
+    response (a temperature-scaled cosine) is positive, however weak, and nothing when no pixel is.
+    This project's own protocol (min-max, ``>= evaluate.threshold``) keeps the upper part of every map.
+    Both are reported so Step-1 mIoU / P@X compare with the paper's.
     """
-    positive = np.maximum(np.asarray(raw, dtype=np.float32), 0.0)
-    peak = float(positive.max()) if positive.size else 0.0
-    return positive / peak > 0 if peak > 0 else np.zeros(positive.shape, dtype=bool)
+    return np.asarray(raw) > 0
 
 
 class GroundTruth:

@@ -24,6 +24,7 @@ import pandas as pd
 from pipeline import paths
 from pipeline.data.synthetic.expressions import parse_expression, resolve
 from pipeline.data.synthetic.scene import SceneObject
+from pipeline.diagnostics import retrieval_candidates
 
 
 def load_scene_objects(scenes_json: Path) -> dict[int, list[SceneObject]]:
@@ -36,18 +37,13 @@ def load_scene_objects(scenes_json: Path) -> dict[int, list[SceneObject]]:
 def oracle_retrieval(objects: dict[int, list[SceneObject]], sentences: pd.DataFrame, split: str,
                      candidates: int = 48, seed: int = 0) -> dict:
     """Expected retrieval of a scene-reading oracle, with the candidate draws of
-    :func:`pipeline.diagnostics.expression_retrieval`; also the mean number of true candidates."""
+    :func:`pipeline.diagnostics.expression_retrieval` (:func:`~pipeline.diagnostics.retrieval_candidates`);
+    also the mean number of true candidates."""
     rows = sentences[sentences["split"] == split].sort_values("sent_id", kind="stable")
-    image_ids = rows["image_id"].to_numpy()
     meanings = [parse_expression(t) for t in rows["text"]]
-    rng = np.random.default_rng(seed)
     expected, true_counts = [], []
-    for image_id in np.unique(image_ids):
-        own = np.flatnonzero(image_ids == image_id)
-        others = np.flatnonzero(image_ids != image_id)
-        negatives = rng.choice(others, min(candidates - 1, len(others)), replace=False)
-        cand = np.concatenate([rng.choice(own, 1), negatives])
-        n_true = sum(resolve(meanings[c], objects[int(image_id)]) is not None for c in cand)
+    for image_id, cand in retrieval_candidates(rows["image_id"].to_numpy(), candidates, seed):
+        n_true = sum(resolve(meanings[c], objects[image_id]) is not None for c in cand)
         expected.append(1 / max(n_true, 1))
         true_counts.append(n_true)
     return {"split": split, "ceiling": round(float(np.mean(expected)), 4),
