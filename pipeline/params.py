@@ -143,9 +143,10 @@ class FrozenClipParams(_Strict):
     def _same_together(self) -> FrozenClipParams:
         if (self.name == "same") != (self.pretrained == "same"):
             raise ValueError("model.frozen_clip: name and pretrained are both 'same' or neither is")
-        if self.pretrained == "embedded":
-            raise ValueError("model.frozen_clip.pretrained: 'embedded' weights exist only for model.clip; "
-                             "use 'same' to freeze that CLIP")
+        if self.pretrained == "embedded" and self.name not in ("tiny-rn", "tiny-vit"):
+            raise ValueError("model.frozen_clip.pretrained: 'embedded' (pretrained by pretrain_clip on "
+                             "pretrain_clip.frozen's cutout corpus) needs name tiny-rn or tiny-vit, "
+                             f"not {self.name!r}")
         return self
 
 
@@ -154,6 +155,18 @@ class ModelParams(_Strict):
     frozen_clip: FrozenClipParams
     max_tokens: Int = Field(ge=3)
     hidden_dim: Int = Field(ge=8, description="C_d, the projector width (paper: 1024)")
+
+
+class FrozenPretrainParams(_Strict):
+    """The embedded frozen CLIP (``model.frozen_clip.pretrained: embedded``): a second small CLIP that
+    ``pretrain_clip`` trains on cutout pictures, the stand-in for the authors' separate web-scale ViT-B/32."""
+
+    kinds: list[Literal["isolated", "scene"]] = Field(
+        min_length=1, description="isolated: one object on black, attribute captions; scene: an object of "
+        "a generated scene alone on black, captioned by its scene expressions")
+    pictures: Int = Field(ge=1, description="cutout pictures of each kind")
+    epochs: Int = Field(ge=1)
+    image_size: Int = Field(ge=32, description="the frozen CLIP's input side (calibration_size: auto)")
 
 
 class PretrainClipParams(_Strict):
@@ -167,6 +180,7 @@ class PretrainClipParams(_Strict):
     caption_images: Int = Field(ge=0, description="extra captioned pictures drawn from the synthetic world "
                                 "with their own seed stream (pipeline/data/captions.py); 0 = none")
     caption_objects: tuple[Int, Int] = Field(description="objects per captioned picture (lower, upper)")
+    frozen: FrozenPretrainParams
 
 
 class OptimParams(_Strict):
@@ -208,8 +222,9 @@ class Step1Params(OptimParams):
         description="Eq. 8 sums over the K negatives (paper); the authors' code averages them")
     calibration_negative_weight: Float = Field(ge=0, description="weight of the Eq. 8 negative term "
                                                "(authors' code: 2, with the mean)")
-    feature_stride: Literal[16, 32] = Field(
-        description="output stride of the Step-1 feature map; 16 drops layer4's average pools (ResNet)")
+    feature_stride: Literal[8, 16, 32] = Field(
+        description="output stride of the Step-1 feature map; 16 drops layer4's average pools, 8 also "
+                    "layer3's (ResNet)")
     temperature: Float = Field(gt=0, description="tau of Eq. 2 (its initial value when learned)")
     learn_temperature: Bool = Field(description="learn tau (paper) or keep it fixed (authors' code)")
 

@@ -4,22 +4,27 @@ Embedded default (``model.clip.pretrained: embedded``): train the small open_cli
 the train split's (image, expression) pairs. Otherwise: record the open_clip name and tag / local
 checkpoint path (loaded once here so a bad path fails now, not three stages later).
 Either way, ``frozen_clip.json`` records the frozen CLIP of calibration and PRMS (``model.frozen_clip``:
-``same`` = this CLIP, or a separate one such as the authors' ViT-B/32), loaded here for the same reason.
+``same`` = this CLIP; ``embedded`` = a second small CLIP trained here on generated cutout pictures
+(``pretrain_clip.frozen``), the embedded stand-in for the authors' separate web-scale ViT-B/32; or an
+open_clip tag / local path), loaded here for the same reason.
 Either way, report on val how often the frozen CLIP ranks the referred object's GT-masked image first,
 and how often it retrieves an image's own expression among 48 (diagnostics; training never reads masks).
 """
+
+from pathlib import Path
 
 import torch
 
 from pipeline import paths
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.data.captions import pretraining_corpus
+from pipeline.data.captions import cutout_corpus, pretraining_corpus
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.data.splits import require_eval_splits
 from pipeline.diagnostics import expression_retrieval, masked_object_ranking
 from pipeline.models.clip_artifact import (
     FROZEN_SPEC_FILE,
+    FROZEN_WEIGHTS_FILE,
     WEIGHTS_FILE,
     clip_spec,
     frozen_clip_spec,
@@ -28,9 +33,27 @@ from pipeline.models.clip_artifact import (
     write_clip_spec,
 )
 from pipeline.models.clip_backbone import build_clip
+from pipeline.params import Params
 from pipeline.stage import StageTimer, start_stage
 from pipeline.train.clip_pretrain import pretrain_clip
 from pipeline.train.loop import TrainingRun
+
+
+def pretrain_frozen_clip(params: Params, out: Path, device: torch.device) -> dict:
+    """Train the embedded frozen CLIP on ``pretrain_clip.frozen``'s cutout corpus; return its spec.
+
+    It shares the tiny architecture of ``model.clip.tiny`` except for its input side, and the optimiser
+    settings of ``pretrain_clip``; it never sees a RIS image.
+    """
+    fp = params.pretrain_clip.frozen
+    tiny = {**params.model.clip.tiny.model_dump(), "image_size": fp.image_size}
+    model = build_clip(params.model.frozen_clip.name, None, tiny=tiny, context_length=params.model.max_tokens)
+    corpus, bank = cutout_corpus(fp, params.synthesize, seed=params.base.seed)
+    run = TrainingRun("pretrain_frozen_clip", live_dir=out / "frozen_live")
+    pretrain_clip(model, bank, corpus, params.pretrain_clip.model_copy(update={"epochs": fp.epochs}), device,
+                  seed=params.base.seed, max_tokens=params.model.max_tokens, run=run)
+    run.finish(lambda: torch.save(model.state_dict(), out / FROZEN_WEIGHTS_FILE))
+    return clip_spec(params.model.frozen_clip.name, FROZEN_WEIGHTS_FILE, tiny, params.model.max_tokens)
 
 
 def main() -> None:
@@ -56,7 +79,11 @@ def main() -> None:
             spec = clip_spec(clip_p.name, clip_p.pretrained, None, 77)
         write_clip_spec(out, spec)
         frozen_p = params.model.frozen_clip
-        write_clip_spec(out, frozen_clip_spec(frozen_p.name, frozen_p.pretrained, spec), FROZEN_SPEC_FILE)
+        if frozen_p.pretrained == "embedded":
+            frozen_spec = pretrain_frozen_clip(params, out, device)
+        else:
+            frozen_spec = frozen_clip_spec(frozen_p.name, frozen_p.pretrained, spec)
+        write_clip_spec(out, frozen_spec, FROZEN_SPEC_FILE)
         if clip_p.pretrained != "embedded" and frozen_p.name != "same":
             load_clip(out)  # the trained CLIP's weights are not loaded below: check them now
         frozen = load_frozen_clip(out).to(device)

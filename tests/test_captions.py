@@ -8,7 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.data.captions import CorpusBank, caption_corpus, pretraining_corpus
+from pipeline.data.captions import (
+    CorpusBank,
+    caption_corpus,
+    cutout_corpus,
+    isolated_cutouts,
+    pretraining_corpus,
+    scene_cutouts,
+)
 
 WORLD = dict(image_side=(96, 120), object_scale=(0.25, 0.4), expressions_per_object=(1, 2),
              distractor_rate=0.5, family_weights={"attribute": 0.5, "position": 0.3, "relation": 0.2})
@@ -70,3 +77,30 @@ def test_pretraining_corpus_combines_or_refuses(default_params):
     with pytest.raises(ValueError, match="ris_images"):
         pretraining_corpus(train, p.model_copy(update={"caption_images": 0, "ris_images": False}), world,
                            _Bank(), size=32, seed=0)
+
+
+def test_cutouts_show_one_object_on_black_and_never_mix_kinds(default_params):
+    world = default_params.synthesize.model_copy(update={"image_side": (96, 120)})
+    fp = default_params.pretrain_clip.frozen.model_copy(
+        update={"kinds": ["isolated", "scene"], "pictures": 4, "image_size": 32})
+    rows, bank = cutout_corpus(fp, world, seed=0)
+    assert sorted(bank.pictures) == list(range(-8, 0))  # 4 of each kind, ids kept apart
+    assert set(rows["image_id"]) == set(bank.pictures)
+    for picture in bank.pictures.values():
+        dark = (picture.max(dim=0).values < 8).float().mean()
+        assert 0.4 < dark < 0.99  # mostly black ground around one painted object (no textured background)
+    isolated = rows[rows["image_id"] >= -4]["text"]
+    relational = ("left of", "right of", "above", "below", "under", "next to", "beside", "near", "left",
+                  "right", "top", "bottom", "middle")
+    assert not any(any(w in t.split() or w in t for w in relational) for t in isolated)
+    again, bank2 = cutout_corpus(fp, world, seed=0)
+    pd.testing.assert_frame_equal(rows, again)
+    assert all(torch.equal(bank.pictures[k], bank2.pictures[k]) for k in bank.pictures)
+
+
+def test_scene_cutouts_keep_the_scene_expressions():
+    rows, pictures = scene_cutouts(6, objects_per_image=(3, 4), size=32, seed=0, **WORLD)
+    assert len(pictures) == 6 and set(rows["image_id"]) == set(pictures)
+    isolated, _ = isolated_cutouts(6, image_side=WORLD["image_side"], object_scale=WORLD["object_scale"],
+                                   expressions_per_object=(1, 2), size=32, seed=0)
+    assert not rows["text"].equals(isolated["text"])

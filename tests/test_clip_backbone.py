@@ -169,13 +169,14 @@ def test_frozen_clip_passes_gradient_to_input_only(tiny_rn):
     assert all(p.grad is None for p in frozen.parameters())
 
 
-def test_dense_stride_16_doubles_the_map_with_the_same_weights(tiny_rn):
+@pytest.mark.parametrize("stride, side", [(16, 6), (8, 12)])
+def test_dense_stride_refines_the_map_with_the_same_weights(tiny_rn, stride, side):
     images = torch.randn(2, 3, 96, 96)
     coarse = ClipBackbone(tiny_rn).dense_features(images)
-    dense_model = ClipBackbone(build_clip("tiny-rn", None, tiny=TINY_RN).eval(), dense_stride=16)
+    dense_model = ClipBackbone(build_clip("tiny-rn", None, tiny=TINY_RN).eval(), dense_stride=stride)
     dense_model.load_state_dict(ClipBackbone(tiny_rn).state_dict())  # no pooling weights: same keys
     dense = dense_model.dense_features(images)
-    assert coarse.shape[-2:] == (3, 3) and dense.shape[-2:] == (6, 6)
+    assert coarse.shape[-2:] == (3, 3) and dense.shape[-2:] == (side, side)
     assert dense.shape[1] == coarse.shape[1]
     # The shared backbone weights are untouched: the stride-32 view of the same CLIP is unchanged.
     assert torch.equal(ClipBackbone(tiny_rn).dense_features(images), coarse)
@@ -184,3 +185,5 @@ def test_dense_stride_16_doubles_the_map_with_the_same_weights(tiny_rn):
 def test_dense_stride_16_needs_a_resnet(tiny_vit):
     with pytest.raises(ValueError, match="ModifiedResNet"):
         ClipBackbone(tiny_vit, dense_stride=16)
+    with pytest.raises(ValueError, match="one of"):
+        ClipBackbone(tiny_vit, dense_stride=4)

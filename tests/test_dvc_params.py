@@ -27,6 +27,8 @@ EXECUTION_ONLY = {"base.device", "base.threads", "base.num_workers"}
 # embedded CLIP); dvc.yaml must still list them, so that a run on that branch re-runs the stage.
 BRANCH_ONLY = {
     "index": {"data.refer"},  # read when data.source = refer
+    # read when model.frozen_clip.pretrained = embedded (the cutout corpus of the separate frozen CLIP)
+    "pretrain_clip": {"pretrain_clip.frozen", "synthesize.objects_per_image"},
 }
 
 

@@ -9,6 +9,7 @@ from tiny_pipeline import ROOT
 
 from pipeline.models.clip_artifact import (
     FROZEN_SPEC_FILE,
+    FROZEN_WEIGHTS_FILE,
     WEIGHTS_FILE,
     clip_spec,
     frozen_clip_spec,
@@ -89,7 +90,9 @@ def _params() -> dict:
     ("ViT-B-32", "openai", True),
     ("same", "/models/ViT-B-32.pt", False),
     ("ViT-B-32", "same", False),
-    ("tiny-rn", "embedded", False),
+    ("tiny-rn", "embedded", True),
+    ("tiny-vit", "embedded", True),
+    ("ViT-B-32", "embedded", False),
 ])
 def test_frozen_clip_params(name, pretrained, ok):
     raw = copy.deepcopy(_params())
@@ -118,3 +121,42 @@ def test_frozen_clip_keys_are_required():
     del raw["model"]["frozen_clip"]["pretrained"]
     with pytest.raises(ParamsError, match="model.frozen_clip.pretrained"):
         parse_params(raw)
+
+
+def test_embedded_frozen_clip_loads_from_the_clip_folder(embedded_clip_dir):
+    """pretrain_clip stores the embedded frozen CLIP as frozen_clip.pt beside clip.pt, with its own
+    input size; the spec names the file relative to the folder, so the folder can move."""
+    clip_dir, spec = embedded_clip_dir
+    small = {**spec["tiny"], "image_size": 32}
+    model = build_clip("tiny-rn", None, tiny=small, context_length=spec["context_length"])
+    torch.save(model.state_dict(), clip_dir / FROZEN_WEIGHTS_FILE)
+    write_clip_spec(clip_dir, clip_spec("tiny-rn", FROZEN_WEIGHTS_FILE, small, spec["context_length"]),
+                    FROZEN_SPEC_FILE)
+    moved = clip_dir.parent / "moved"
+    clip_dir.rename(moved)
+    frozen = load_frozen_clip(moved)
+    assert resolve_calibration_size("auto", frozen) == 32
+    for key, value in model.state_dict().items():
+        assert torch.equal(frozen.backbone.clip.state_dict()[key], value), key
+    (moved / FROZEN_WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="frozen_clip.pt"):
+        load_frozen_clip(moved)
+
+
+@pytest.mark.slow
+def test_pretrain_clip_trains_the_embedded_frozen_clip_that_step1_calibrates_with(tmp_path):
+    """``model.frozen_clip.pretrained: embedded`` end to end on the tiny config: pretrain_clip writes a
+    second CLIP at its own input size, and train_step1 calibrates against it (calibration_size auto)."""
+    from tiny_pipeline import run_stage, write_params
+
+    write_params(tmp_path, {"model": {"frozen_clip": {"name": "tiny-rn", "pretrained": "embedded"}}})
+    for stage in ("synthesize", "index", "pretrain_clip"):
+        log = run_stage(tmp_path, stage)
+    clip_dir = tmp_path / "artifacts" / "clip"
+    assert "pretrain_frozen_clip epoch 1/1" in log
+    frozen = load_frozen_clip(clip_dir)
+    assert frozen.image_size == 32  # tiny_pipeline's pretrain_clip.frozen.image_size, not the CLIP's 64
+    assert load_clip(clip_dir).visual.image_size in (64, (64, 64))
+    trained = torch.load(clip_dir / FROZEN_WEIGHTS_FILE, weights_only=True)
+    assert trained["ln_final.bias"].abs().sum() > 0  # built with zeros: the optimiser moved it
+    assert "cal_pos" in run_stage(tmp_path, "train_step1")

@@ -30,6 +30,7 @@ REAL_DATA_OVERRIDES = (
     "model.frozen_clip.pretrained=/models/ViT-B-32.pt",
     "step1.init_projectors=clip",
     "step1.input_size=320",
+    "step1.feature_stride=32",
     "step1.calibration_size=auto",
     "step1.lr=5e-5",
     "step1.epochs=15",

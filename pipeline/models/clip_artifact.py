@@ -21,6 +21,8 @@ from pipeline.models.clip_backbone import TINY_RN, TINY_VIT, FrozenClip, build_c
 SPEC_FILE = "clip.json"
 FROZEN_SPEC_FILE = "frozen_clip.json"
 WEIGHTS_FILE = "clip.pt"
+FROZEN_WEIGHTS_FILE = "frozen_clip.pt"  # the embedded frozen CLIP (model.frozen_clip.pretrained: embedded)
+LOCAL_WEIGHTS = (WEIGHTS_FILE, FROZEN_WEIGHTS_FILE)  # weights stored inside the clip folder itself
 
 
 def clip_spec(name: str, pretrained: str, tiny: dict | None, context_length: int) -> dict:
@@ -50,8 +52,8 @@ def read_clip_spec(clip_dir: str | Path, file: str = SPEC_FILE) -> dict:
 
 def _build_from_spec(clip_dir: str | Path, spec: dict) -> nn.Module:
     pretrained = spec["pretrained"]
-    if pretrained == WEIGHTS_FILE:
-        pretrained = str(Path(clip_dir) / WEIGHTS_FILE)
+    if pretrained in LOCAL_WEIGHTS:
+        pretrained = str(Path(clip_dir) / pretrained)
     return build_clip(spec["name"], pretrained, tiny=spec["tiny"], context_length=spec["context_length"])
 
 
@@ -68,7 +70,7 @@ def load_frozen_clip(clip_dir: str | Path) -> FrozenClip:
     """
     spec = read_clip_spec(clip_dir, FROZEN_SPEC_FILE)
     pretrained = spec["pretrained"]
-    if pretrained != WEIGHTS_FILE and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin",
+    if pretrained not in LOCAL_WEIGHTS and ("/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin",
                                                                                 ".safetensors"))):
         if not Path(pretrained).is_file():
             raise FileNotFoundError(f"{Path(clip_dir) / FROZEN_SPEC_FILE}: frozen CLIP weights "

@@ -180,19 +180,24 @@ def _interpolate_grid(
     return grid.permute(0, 2, 3, 1).reshape(dst[0] * dst[1], -1)
 
 
-def _drop_layer4_pooling(visual: ModifiedResNet) -> None:
-    """Turn layer4's stride-2 average pools (main path and shortcut) into identities: stride 16.
+def _drop_pooling(visual: ModifiedResNet, layers: tuple[str, ...]) -> None:
+    """Turn the stride-2 average pools (main path and shortcut) of ``layers`` into identities.
 
     A ModifiedResNet downsamples with an ``AvgPool2d`` after the 3x3 conv of each first block instead of a
-    strided conv, so removing layer4's two pools keeps every weight meaningful while halving the output
+    strided conv, so removing a layer's two pools keeps every weight meaningful while halving the output
     stride (the dilation trick of DeepLab without dilating anything: the 1x1 convs after the pool see the
-    same features at twice the density). Step-1 maps then have 2x the resolution at the same input size.
+    same features at twice the density). Dropping layer4's gives stride 16, layer3's and layer4's stride 8:
+    Step-1 maps then have 2x or 4x the resolution at the same input size.
     """
-    block = visual.layer4[0]
-    if isinstance(block.avgpool, nn.AvgPool2d):
-        block.avgpool = nn.Identity()
-    if block.downsample is not None and isinstance(block.downsample[0], nn.AvgPool2d):
-        block.downsample[0] = nn.Identity()
+    for name in layers:
+        block = getattr(visual, name)[0]
+        if isinstance(block.avgpool, nn.AvgPool2d):
+            block.avgpool = nn.Identity()
+        if block.downsample is not None and isinstance(block.downsample[0], nn.AvgPool2d):
+            block.downsample[0] = nn.Identity()
+
+
+DENSE_STRIDES = {32: (), 16: ("layer4",), 8: ("layer3", "layer4")}  # layers whose pools are dropped
 
 
 class ClipBackbone(nn.Module):
@@ -208,12 +213,12 @@ class ClipBackbone(nn.Module):
         self.clip = clip
         visual = clip.visual
         self.is_resnet = isinstance(visual, ModifiedResNet)
-        if dense_stride not in (16, 32):
-            raise ValueError(f"dense_stride must be 16 or 32, got {dense_stride}")
-        if dense_stride == 16:
+        if dense_stride not in DENSE_STRIDES:
+            raise ValueError(f"dense_stride must be one of {sorted(DENSE_STRIDES)}, got {dense_stride}")
+        if dense_stride != 32:
             if not self.is_resnet:
-                raise ValueError("dense_stride 16 needs a ModifiedResNet image tower")
-            _drop_layer4_pooling(visual)
+                raise ValueError(f"dense_stride {dense_stride} needs a ModifiedResNet image tower")
+            _drop_pooling(visual, DENSE_STRIDES[dense_stride])
         self.dense_stride = dense_stride
         if self.is_resnet:
             self.stage_channels = [layer[-1].conv3.out_channels for layer in self._res_layers()]

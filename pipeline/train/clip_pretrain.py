@@ -65,7 +65,8 @@ class ClipPretraining(Training):
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
     def __init__(self, model: nn.Module, bank: ImageBank, sentences: pd.DataFrame, p: PretrainClipParams,
-                 device: torch.device, *, seed: int, max_tokens: int) -> None:
+                 device: torch.device, *, seed: int, max_tokens: int, name: str = "pretrain_clip") -> None:
+        self.name = name  # what the log lines say (the frozen CLIP trains under its own name)
         self.model = self.net = to_channels_last(model.to(device))
         self.bank, self.p, self.device, self.epochs = bank, p, device, p.epochs
         bank.preload(sentences["image_id"])
@@ -119,5 +120,7 @@ def pretrain_clip(model: nn.Module, bank: ImageBank, sentences: pd.DataFrame, p:
                   device: torch.device, *, seed: int, max_tokens: int,
                   run: TrainingRun | None = None) -> nn.Module:
     """Train ``model`` (an open_clip CLIP) in place with the settings ``p`` (``params.pretrain_clip``);
-    returns it in eval mode."""
-    return fit(ClipPretraining(model, bank, sentences, p, device, seed=seed, max_tokens=max_tokens), run)
+    returns it in eval mode. Log lines carry ``run``'s name."""
+    name = run.name if run is not None else "pretrain_clip"
+    return fit(ClipPretraining(model, bank, sentences, p, device, seed=seed, max_tokens=max_tokens,
+                               name=name), run)
