@@ -34,6 +34,11 @@ from pipeline.params import FrozenPretrainParams, PretrainClipParams, Synthesize
 CORPUS_STREAM = 7  # seed stream of the caption corpus (synthesize uses stream 2 for the RIS images)
 
 
+def _as_picture(pixels: np.ndarray, size: int) -> torch.Tensor:
+    """Painted ``(H, W, 3)`` pixels stretched as ImageBank does, as a ``(3, size, size)`` uint8 tensor."""
+    return torch.from_numpy(stretch_resize(pixels, size)).permute(2, 0, 1).contiguous()
+
+
 def caption_corpus(num_images: int, *, objects_per_image: tuple[int, int], image_side: tuple[int, int],
                    object_scale: tuple[float, float], expressions_per_object: tuple[int, int],
                    distractor_rate: float, family_weights: dict[str, float], size: int,
@@ -48,7 +53,7 @@ def caption_corpus(num_images: int, *, objects_per_image: tuple[int, int], image
                                distractor_rate, family_weights)
         pixels, _ = paint(rng, scene.height, scene.width, scene.objects)
         image_id = -k
-        pictures[image_id] = torch.from_numpy(stretch_resize(pixels, size)).permute(2, 0, 1).contiguous()
+        pictures[image_id] = _as_picture(pixels, size)
         for exprs in scene.expressions:
             rows += [{"image_id": image_id, "text": clean_sentence(render_expression(e, rng))} for e in exprs]
     return pd.DataFrame(rows, columns=["image_id", "text"]), pictures
@@ -100,8 +105,7 @@ CUTOUT_STREAMS = {"isolated": 9, "scene": 11}  # seed streams of the two cutout 
 
 def _cutout(pixels: np.ndarray, rle: dict, size: int) -> torch.Tensor:
     """One painted object alone on black, as a ``(3, size, size)`` uint8 tensor."""
-    alone = pixels * decode_rle(rle)[..., None]
-    return torch.from_numpy(stretch_resize(alone, size)).permute(2, 0, 1).contiguous()
+    return _as_picture(pixels * decode_rle(rle)[..., None], size)
 
 
 def isolated_cutouts(num_pictures: int, *, image_side: tuple[int, int], object_scale: tuple[float, float],
