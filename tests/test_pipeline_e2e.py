@@ -61,6 +61,14 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
     overall = next(line for line in done.stdout.splitlines() if line.startswith("| all |"))
     diagnostic = json.loads((reports / "clip_diagnostic.json").read_text())
     assert float(overall.split("|")[2]) == pytest.approx(diagnostic["rate"], abs=5e-4)
+    # ... and, split by the attributes named, beside Step-1's object-level grounding of the dumped maps
+    done = subprocess.run([sys.executable, script, "--by", "kind", "--step1"], cwd=tmp_path / "a", env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")][1:]
+    by_kind = {r[0].strip(): [float(v) for v in r[1:]] for r in rows}
+    assert all(0.0 <= v <= 1.0 for r in by_kind.values() for v in r[:4])
+    assert sum(r[4] for k, r in by_kind.items() if k != "all") == by_kind["all"][4]
 
     second = run_pipeline(tmp_path / "b")
     assert second == first, "two CPU runs with one seed must give identical metrics"
