@@ -2,8 +2,9 @@
 
 PointM only asks where the single peak of a map falls. On small objects a coarse map can cover the
 right object and still peak just beside it, and a sharper map can peak inside the wrong object. PRMS,
-the CRF seeds and the random walk of the refinement act on what the map covers, so the object hit is
-what predicts the pseudo-masks. It reads GT masks; no training step or setting choice calls it.
+the CRF seeds and the random walk of the refinement act on what the map covers, so the object hit
+tells more than PointM about the pseudo-masks a map will give. It reads GT masks; no training step or
+setting choice calls it.
 """
 
 from __future__ import annotations
