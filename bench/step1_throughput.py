@@ -1,5 +1,8 @@
 """Step-1 training throughput (images/s) on the embedded default's model and data, and on CUDA the
-speed-up of bf16 autocast (``step1.amp``) over fp32.
+speed-up of bf16 autocast (``step1.amp``) over fp32 and each run's peak GPU memory.
+
+It reads ``params.yaml`` and ``artifacts/`` of the working directory, so run in another built workdir it
+measures that configuration (``bench.paper_step1`` does this for the paper's RN50 at 320 px).
 
 Times ``--steps`` optimisation steps of the real training (:func:`pipeline.train.step1.train_step1`,
 classification + calibration, batch ``step1.batch_size``) after one warm-up step; images are decoded
@@ -22,7 +25,9 @@ from pipeline.models.checkpoints import build_localiser
 from pipeline.train.step1 import localiser_meta, train_step1
 
 
-def images_per_second(steps: int, amp: bool) -> tuple[float, str]:
+def images_per_second(steps: int, amp: bool) -> tuple[float, str, float | None]:
+    """Images/s of ``steps`` timed steps, the device, and the peak GPU memory of the timed steps (MiB;
+    None on CPU)."""
     setup = step1_setup(amp=amp)
     params, device, index, train, frozen, cfg = (setup.params, setup.device, setup.index, setup.train,
                                                  setup.frozen, setup.step1)
@@ -38,20 +43,24 @@ def images_per_second(steps: int, amp: bool) -> tuple[float, str]:
     model = build_localiser(paths.CLIP, localiser_meta(params, str(paths.CLIP)))
     if device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     train_step1(model, frozen, bank, subset.iloc[cfg.batch_size:], cfg, device, **shared)
+    peak_mib = None
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (len(subset) - cfg.batch_size) / (time.perf_counter() - t0), str(device)
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    return (len(subset) - cfg.batch_size) / (time.perf_counter() - t0), str(device), peak_mib
 
 
 def run(steps: int = 8) -> dict:
     require(paths.CLIP, paths.INDEX)
-    fp32, device = images_per_second(steps, amp=False)
+    fp32, device, fp32_peak = images_per_second(steps, amp=False)
     out = {"device": device, "fp32_images_per_s": fp32}
     if device.startswith("cuda"):
-        amp, _ = images_per_second(steps, amp=True)
-        out.update(amp_images_per_s=amp, amp_speedup=amp / fp32)
+        amp, _, amp_peak = images_per_second(steps, amp=True)
+        out.update(amp_images_per_s=amp, amp_speedup=amp / fp32, fp32_peak_mib=fp32_peak,
+                   amp_peak_mib=amp_peak)
     return out
 
 
@@ -61,7 +70,8 @@ def main() -> None:
     r = run(parser.parse_args().steps)
     line = f"Step-1 training on {r['device']}: {r['fp32_images_per_s']:.1f} images/s fp32"
     if "amp_images_per_s" in r:
-        line += f", {r['amp_images_per_s']:.1f} images/s bf16 autocast (x{r['amp_speedup']:.2f})"
+        line += (f", {r['amp_images_per_s']:.1f} images/s bf16 autocast (x{r['amp_speedup']:.2f}); "
+                 f"peak GPU memory {r['fp32_peak_mib']:.0f} MiB fp32, {r['amp_peak_mib']:.0f} MiB bf16")
     print(line)
 
 

@@ -121,3 +121,21 @@ def test_refcoco_scale_bench_measures_every_figure_on_a_small_set():
     table = refcoco_scale.report(r)
     rows = len(refcoco_scale.PROJECTED_CORES)
     assert "PROJECTED" in table and table.count("| RefCOCO") == len(refcoco_scale.TRAIN_SPLITS) * rows
+
+
+def test_paper_step1_params_are_the_readme_command_with_local_stand_ins(tmp_path):
+    """bench.paper_step1 measures the README's real-data configuration at the paper's batch, with only
+    the data location and weight paths replaced (a stale README block would make it measure another)."""
+    import yaml
+
+    from bench import paper_step1
+    from pipeline.params import load_params
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(paper_step1.paper_params(tmp_path / "w", 100)))
+    params = load_params(tmp_path / "params.yaml")
+    assert (params.model.clip.name, params.model.hidden_dim, params.step1.input_size) == ("RN50", 1024, 320)
+    assert params.model.frozen_clip.name == "ViT-B-32" and params.step1.calibration_size == "auto"
+    assert (params.step1.batch_size, params.step1.num_negatives, params.step1.calibration_negatives) == (
+        48, 47, 6)
+    assert params.model.clip.pretrained == str(tmp_path / "w" / "RN50-checkpoint.pt")
+    assert params.data.refer.root == "artifacts/synthetic" and params.synthesize.num_images == 100

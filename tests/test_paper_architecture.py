@@ -8,13 +8,13 @@ synthetic images in REFER's layout. ``test_readme_command_is_the_tested_one`` ke
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 
 import pytest
-import yaml
-from tiny_pipeline import ROOT, merge, run_stage, stage_names, write_params
+from tiny_pipeline import merge, run_stage, stage_names, write_params
+
+from bench.paper_step1 import overrides_to_dict, readme_overrides
 
 # `dvc exp run -S ...` of README "Real data and real CLIP weights", in order.
 REAL_DATA_OVERRIDES = (
@@ -63,34 +63,12 @@ SMALL = {
 }
 
 
-def overrides_to_dict(pairs: list[str]) -> dict:
-    """``key.sub=value`` pairs as the nested mapping ``dvc exp run -S`` would merge (YAML values)."""
-    out: dict = {}
-    for pair in pairs:
-        key, value = pair.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return out
-
-
 def overrides_under_test(tmp: Path) -> list[str]:
     """The README's overrides with :data:`STAND_INS` substituted (every stand-in replaces a README key)."""
     keys = [pair.split("=", 1)[0] for pair in REAL_DATA_OVERRIDES]
     assert set(STAND_INS) <= set(keys), "a stand-in must replace a key of the README command"
     return [f"{key}={STAND_INS[key].format(tmp=tmp)}" if key in STAND_INS else f"{key}={value}"
             for key, value in (pair.split("=", 1) for pair in REAL_DATA_OVERRIDES)]
-
-
-def readme_overrides(readme: Path = ROOT / "README.md") -> list[str]:
-    """The ``-S`` values of the first ``dvc exp run`` block of README "Real data and real CLIP weights"."""
-    text = readme.read_text()
-    section = text.split("## Real data and real CLIP weights", 1)[1].split("\n## ", 1)[0]
-    block = re.search(r"```bash\n(dvc exp run .*?)```", section, re.S)
-    assert block, "README: no `dvc exp run` block under 'Real data and real CLIP weights'"
-    return re.findall(r"-S (\S+)", block.group(1))
 
 
 def test_readme_command_is_the_tested_one():

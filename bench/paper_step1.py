@@ -1,0 +1,142 @@
+"""Step-1 training throughput and peak GPU memory of the paper's architecture: the README's real-data
+command (open_clip RN50 at 320 px, C_d = 1024, MaskCLIP projector init, a separate frozen ViT-B-32 scoring
+224 px masked images) with the paper's batch of 48, N = 47 and K = 6.
+
+No weights or data are downloaded: random RN50 / ViT-B-32 weights are saved to local checkpoint files
+(as ``tests/test_paper_architecture.py`` does) and a small synthetic set in REFER's layout stands in for
+RefCOCO. Throughput does not depend on the weights, so the figure is what a GPU user should expect per
+image of Step-1 training on real data (images are preloaded, as the stage does).
+
+    python -m bench.paper_step1 [--steps 4] [--keep DIR]
+
+It builds a workdir (synthesize, index, pretrain_clip stages) and runs :mod:`bench.step1_throughput`
+there. Meant for a GPU; on a 2-core CPU one step of batch 48 takes minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from bench.common import ROOT
+
+# What replaces the README command's data location and weight paths (they exist on a user's machine only).
+STAND_INS = {
+    "data.refer.root": "artifacts/synthetic",
+    "data.refer.dataset": "synthetic",
+    "data.refer.image_dir": "artifacts/synthetic/images",
+    "model.clip.pretrained": "{weights}/RN50-checkpoint.pt",
+    "model.frozen_clip.pretrained": "{weights}/ViT-B-32-state-dict.pt",
+}
+PAPER_BATCH = {"batch_size": 48, "num_negatives": 47, "calibration_negatives": 6}
+
+
+def readme_overrides(readme: Path = ROOT / "README.md") -> list[str]:
+    """The ``-S`` values of the first ``dvc exp run`` block of README "Real data and real CLIP weights"."""
+    text = readme.read_text()
+    section = text.split("## Real data and real CLIP weights", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(dvc exp run .*?)```", section, re.S)
+    if not block:
+        raise SystemExit(f"{readme}: no `dvc exp run` block under 'Real data and real CLIP weights'")
+    return re.findall(r"-S (\S+)", block.group(1))
+
+
+def overrides_to_dict(pairs: list[str]) -> dict:
+    """``key.sub=value`` pairs as the nested mapping ``dvc exp run -S`` would merge (YAML values)."""
+    out: dict = {}
+    for pair in pairs:
+        key, value = pair.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def paper_params(weights: Path, num_images: int) -> dict:
+    """``params.yaml`` of the README's real-data command with the stand-ins, on ``num_images`` synthetic
+    images (half of them train) and the paper's Step-1 batch."""
+    pairs = [f"{k}={STAND_INS[k].format(weights=weights)}" if k in STAND_INS else f"{k}={v}"
+             for k, v in (p.split("=", 1) for p in readme_overrides())]
+    small = {"synthesize": {"num_images": num_images,
+                            "split_fractions": {"train": 0.5, "val": 0.2, "testA": 0.15, "testB": 0.15}},
+             "step1": PAPER_BATCH}
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return merge(merge(base, overrides_to_dict(pairs)), small)
+
+
+def write_random_weights(weights: Path) -> None:
+    """Random RN50 as an open_clip training checkpoint, random ViT-B-32 as a plain state dict."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    torch.save({"epoch": 1, "state_dict": open_clip.create_model("RN50").state_dict()},
+               weights / "RN50-checkpoint.pt")
+    torch.save(open_clip.create_model("ViT-B-32").state_dict(), weights / "ViT-B-32-state-dict.pt")
+
+
+def build_workdir(workdir: Path, steps: int) -> None:
+    """Weights, params and the three stages Step-1 training reads (synthesize, index, pretrain_clip)."""
+    weights = workdir / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    write_random_weights(weights)
+    # (steps + 1) full batches of distinct train images; the train split is half of the set
+    num_images = 2 * (steps + 1) * PAPER_BATCH["batch_size"] + 16
+    (workdir / "params.yaml").write_text(yaml.safe_dump(paper_params(weights, num_images), sort_keys=False))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": path}
+    for stage in ("synthesize", "index", "pretrain_clip"):
+        result = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=workdir, env=env,
+                                capture_output=True, text=True)
+        if result.returncode:
+            raise SystemExit(f"bench.paper_step1: stage {stage} failed:\n{result.stderr[-3000:]}")
+
+
+def run(steps: int = 4, keep: Path | None = None) -> dict:
+    from bench import step1_throughput
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = keep or Path(tmp)
+        build_workdir(workdir, steps)
+        here = Path.cwd()
+        os.chdir(workdir)
+        try:
+            return step1_throughput.run(steps)
+        finally:
+            os.chdir(here)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--keep", type=Path, help="build the workdir here and keep it")
+    args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    r = run(args.steps, args.keep.resolve() if args.keep else None)
+    line = (f"Step-1 of the paper's architecture (RN50 320 px, C_d 1024, frozen ViT-B-32 at 224, batch 48) "
+            f"on {r['device']}: {r['fp32_images_per_s']:.1f} images/s fp32")
+    if "amp_images_per_s" in r:
+        line += (f", {r['amp_images_per_s']:.1f} images/s bf16 autocast (x{r['amp_speedup']:.2f}); "
+                 f"peak GPU memory {r['fp32_peak_mib']:.0f} MiB fp32, {r['amp_peak_mib']:.0f} MiB bf16")
+    print(line)
+
+
+if __name__ == "__main__":
+    main()
