@@ -70,5 +70,13 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
     assert all(0.0 <= v <= 1.0 for r in by_kind.values() for v in r[:4])
     assert sum(r[4] for k, r in by_kind.items() if k != "all") == by_kind["all"][4]
 
+    # one-word minimal pairs under the frozen CLIP and the trained localiser's sentence feature
+    script = str(ROOT / "scripts" / "text_separation.py")
+    done = subprocess.run([sys.executable, script, "--split", "train", "--step1"], cwd=tmp_path / "a",
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[2:]}
+    assert "random" in rows and all(len(r) == 3 and -1.0 <= float(r[1]) <= 1.0 for r in rows.values())
+
     second = run_pipeline(tmp_path / "b")
     assert second == first, "two CPU runs with one seed must give identical metrics"
