@@ -89,7 +89,8 @@ def main() -> None:
     add(f"Step-1 training throughput ({t['device']}, fp32)", f"**{t['fp32_images_per_s']:.1f}** images/s")
     if "amp_images_per_s" in t:
         add("Step-1 training, bf16 autocast vs fp32", f"{t['amp_images_per_s']:.1f} images/s = "
-            f"**x{t['amp_speedup']:.2f}**")
+            f"**x{t['amp_speedup']:.2f}** (peak GPU memory {t['fp32_peak_mib']:.0f} / "
+            f"{t['amp_peak_mib']:.0f} MiB)")
     o = loop_overhead.run()
     add(f"training loop vs bare forward + backward + optimiser step (Step-1, {o['device']})",
         f"{o['loop_images_per_s']:.1f} / {o['bare_images_per_s']:.1f} images/s = **{o['ratio']:.3f}**",

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from bench import step1_throughput
 from bench.common import ROOT
 
 # What replaces the README command's data location and weight paths (they exist on a user's machine only).
@@ -109,8 +110,6 @@ def build_workdir(workdir: Path, steps: int) -> None:
 
 
 def run(steps: int = 4, keep: Path | None = None) -> dict:
-    from bench import step1_throughput
-
     with tempfile.TemporaryDirectory() as tmp:
         workdir = keep or Path(tmp)
         build_workdir(workdir, steps)
@@ -130,13 +129,8 @@ def main() -> None:
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     r = run(args.steps, args.keep.resolve() if args.keep else None)
-    line = (f"Step-1 of the paper's architecture (RN50 320 px, C_d 1024, frozen ViT-B-32 at 224, batch 48) "
-            f"on {r['device']}: {r['fp32_images_per_s']:.1f} images/s fp32")
-    if "amp_images_per_s" in r:
-        line += (f", {r['amp_images_per_s']:.1f} images/s bf16 autocast (x{r['amp_speedup']:.2f}); "
-                 f"peak GPU memory {r['fp32_peak_mib']:.0f} MiB fp32, {r['amp_peak_mib']:.0f} MiB bf16")
-    print(line)
-
+    print(step1_throughput.describe(
+        r, "Step-1 of the paper's architecture (RN50 320 px, C_d 1024, frozen ViT-B-32 at 224, batch 48)"))
 
 if __name__ == "__main__":
     main()

@@ -64,16 +64,19 @@ def run(steps: int = 8) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
-    r = run(parser.parse_args().steps)
-    line = f"Step-1 training on {r['device']}: {r['fp32_images_per_s']:.1f} images/s fp32"
+def describe(r: dict, what: str = "Step-1 training") -> str:
+    """One line of :func:`run`'s figures: images/s, and on CUDA the bf16 speed-up and peak memory."""
+    line = f"{what} on {r['device']}: {r['fp32_images_per_s']:.1f} images/s fp32"
     if "amp_images_per_s" in r:
         line += (f", {r['amp_images_per_s']:.1f} images/s bf16 autocast (x{r['amp_speedup']:.2f}); "
                  f"peak GPU memory {r['fp32_peak_mib']:.0f} MiB fp32, {r['amp_peak_mib']:.0f} MiB bf16")
-    print(line)
+    return line
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    print(describe(run(parser.parse_args().steps)))
 
 if __name__ == "__main__":
     main()

@@ -139,3 +139,13 @@ def test_paper_step1_params_are_the_readme_command_with_local_stand_ins(tmp_path
         48, 47, 6)
     assert params.model.clip.pretrained == str(tmp_path / "w" / "RN50-checkpoint.pt")
     assert params.data.refer.root == "artifacts/synthetic" and params.synthesize.num_images == 100
+
+
+def test_step1_throughput_line_names_peak_memory_only_where_measured():
+    from bench.step1_throughput import describe
+
+    cuda = describe({"device": "cuda", "fp32_images_per_s": 314.0, "amp_images_per_s": 333.8,
+                     "amp_speedup": 1.063, "fp32_peak_mib": 13028.0, "amp_peak_mib": 8180.0})
+    assert "(x1.06)" in cuda and "13028 MiB fp32, 8180 MiB bf16" in cuda
+    cpu = describe({"device": "cpu", "fp32_images_per_s": 52.0}, "Paper Step-1")
+    assert cpu == "Paper Step-1 on cpu: 52.0 images/s fp32"
