@@ -110,6 +110,7 @@ def build_workdir(workdir: Path, steps: int) -> None:
 
 
 def run(steps: int = 4, keep: Path | None = None) -> dict:
+    """:func:`bench.step1_throughput.run` in a freshly built workdir (a temporary one unless ``keep``)."""
     with tempfile.TemporaryDirectory() as tmp:
         workdir = keep or Path(tmp)
         build_workdir(workdir, steps)
