@@ -5,8 +5,9 @@
 
 A minimal pair is two expressions of the split that are the same word for word except one, where the two
 differing words name different values of one attribute: colour ("the red circle" / "the blue circle"),
-shape ("the red circle" / "the red square"), size ("the big star" / "the small star") or position
-("the leftmost hexagon" / "the rightmost hexagon"). Synonyms ("circle" / "disc") are not pairs.
+shape ("the red circle" / "the red square"), size ("the big star" / "the small star"), position
+("the leftmost hexagon" / "the rightmost hexagon") or a relation's direction ("the one left of the star"
+/ "the one above the star"). Synonyms ("circle" / "disc", "below" / "under") are not pairs.
 
 For each family the script prints the mean cosine of the pairs' embeddings under
 
@@ -47,23 +48,38 @@ WORD_VALUES: dict[str, tuple[str, str]] = {
     **{w: ("size", s) for s, words in SIZE_WORDS.items() for w in words},
     **{w: ("position", p) for p, words in _POSITION_WORDS.items() for w in words},
 }
-FAMILIES = ("colour", "shape", "size", "position")
+# a relation's direction: "left" / "right" followed by "of", "above", "below" / "under"
+RELATION_WORDS = {"left": "left", "right": "right", "above": "above", "below": "below", "under": "below"}
+FAMILIES = ("colour", "shape", "size", "position", "relation")
+
+
+def word_value(words: list[str], i: int) -> tuple[str, str] | None:
+    """(family, value) of ``words[i]``, or None for a word that names no attribute value; "left of"
+    is a relation's direction, not the object's place in the frame."""
+    word = words[i]
+    if word in ("left", "right") and words[i + 1:i + 2] == ["of"]:
+        return "relation", RELATION_WORDS[word]
+    if word in WORD_VALUES:
+        return WORD_VALUES[word]
+    if word in RELATION_WORDS:
+        return "relation", RELATION_WORDS[word]
+    return None
 
 
 def minimal_pairs(texts: list[str]) -> pd.DataFrame:
     """Pairs ``(a, b, family)`` of distinct ``texts`` that differ in exactly one word, the two words being
-    different values of one attribute family (:data:`WORD_VALUES`)."""
+    different values of one family (:func:`word_value`)."""
     unique = sorted(set(texts))
-    by_frame: dict[tuple, list[tuple[str, str]]] = defaultdict(list)
+    by_frame: dict[tuple, list[tuple[tuple[str, str], str]]] = defaultdict(list)
     for text in unique:
         words = text.split()
-        for i, word in enumerate(words):
-            if word in WORD_VALUES:
-                by_frame[(*words[:i], "*", *words[i + 1:])].append((word, text))
+        for i in range(len(words)):
+            value = word_value(words, i)
+            if value is not None:
+                by_frame[(*words[:i], "*", *words[i + 1:])].append((value, text))
     rows = []
     for members in by_frame.values():
-        for (wa, a), (wb, b) in combinations(members, 2):
-            (fa, va), (fb, vb) = WORD_VALUES[wa], WORD_VALUES[wb]
+        for ((fa, va), a), ((fb, vb), b) in combinations(members, 2):
             if fa == fb and va != vb:
                 rows.append({"a": a, "b": b, "family": fa})
     return pd.DataFrame(rows, columns=["a", "b", "family"])

@@ -41,3 +41,16 @@ def test_separation_sees_a_text_encoder_blind_to_one_family():
     assert result["shape"][0] > 0.999
     assert result["colour"][0] < 0.1
     assert 0 < result["random"][1] <= 50
+
+
+def test_a_relation_direction_is_not_a_position():
+    texts = ["the one left of the star", "the one right of the star", "the one above the star",
+             "the one under the star", "the one below the star", "the left star", "the right star"]
+    got = {(frozenset((a, b)), f) for a, b, f in minimal_pairs(texts).itertuples(index=False)}
+    assert (frozenset(("the one left of the star", "the one right of the star")), "relation") in got
+    assert (frozenset(("the one above the star", "the one under the star")), "relation") in got
+    assert (frozenset(("the left star", "the right star")), "position") in got
+    assert all(p != frozenset(("the one under the star", "the one below the star")) for p, _ in got)
+    # "left of" and "above" are both directions: "the one left of the star" / "the one above the star"
+    # differ in two words, so they are no pair
+    assert len(got) == 4
