@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from bench import step1_throughput
-from bench.common import ROOT
+from bench.common import ROOT, merge
 
 # What replaces the README command's data location and weight paths (they exist on a user's machine only).
 STAND_INS = {
@@ -59,13 +59,6 @@ def overrides_to_dict(pairs: list[str]) -> dict:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
-    return out
-
-
-def merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
     return out
 
 
@@ -132,6 +125,7 @@ def main() -> None:
     r = run(args.steps, args.keep.resolve() if args.keep else None)
     print(step1_throughput.describe(
         r, "Step-1 of the paper's architecture (RN50 320 px, C_d 1024, frozen ViT-B-32 at 224, batch 48)"))
+
 
 if __name__ == "__main__":
     main()

@@ -78,5 +78,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     print(describe(run(parser.parse_args().steps)))
 
+
 if __name__ == "__main__":
     main()

@@ -34,19 +34,17 @@ import torch
 
 from pipeline import paths
 from pipeline.data.index import load_index
+from pipeline.data.synthetic.expressions import _POSITION_OF as POSITION_OF  # the parser's own table
 from pipeline.data.synthetic.expressions import SHAPE_WORDS, SIZE_WORDS
 from pipeline.data.synthetic.scene import COLOURS
 from pipeline.models.clip_backbone import tokenize
 
 # word -> (family, value): two words of one family with different values make a minimal pair
-_POSITION_WORDS = {"left": ("leftmost", "left"), "right": ("rightmost", "right"),
-                   "top": ("top", "topmost", "upper"), "bottom": ("bottom", "lowest", "bottommost", "lower"),
-                   "middle": ("middle",)}
 WORD_VALUES: dict[str, tuple[str, str]] = {
     **{w: ("colour", w) for w in COLOURS},
     **{w: ("shape", s) for s, words in SHAPE_WORDS.items() for w in words},
     **{w: ("size", s) for s, words in SIZE_WORDS.items() for w in words},
-    **{w: ("position", p) for p, words in _POSITION_WORDS.items() for w in words},
+    **{w: ("position", p) for w, p in POSITION_OF.items()},
 }
 # a relation's direction: "left" / "right" followed by "of", "above", "below" / "under"
 RELATION_WORDS = {"left": "left", "right": "right", "above": "above", "below": "below", "under": "below"}

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from bench.common import merge  # noqa: F401  (re-exported: the slow tests merge overrides with it)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
@@ -31,13 +33,6 @@ TINY = {
 
 def stage_names() -> list[str]:
     return list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])
-
-
-def merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 def write_params(workdir: Path, override: dict | None = None) -> None:
