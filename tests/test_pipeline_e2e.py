@@ -78,5 +78,15 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
     rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[2:]}
     assert "random" in rows and all(len(r) == 3 and -1.0 <= float(r[1]) <= 1.0 for r in rows.values())
 
+    # issue 14's from-scratch baseline trains on the split and reports val grounding by kind
+    script = str(ROOT / "scripts" / "scratch_baseline.py")
+    done = subprocess.run([sys.executable, script, "--max-steps", "2", "--batch-size", "4", "--size", "64",
+                           "--width", "8", "--eval-every", "1000"], cwd=tmp_path / "a", env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(done.stdout.splitlines()[-1])
+    assert record["step"] == 2 and 0.0 <= record["PointM"] <= 1.0 and 0.0 <= record["object_hit"] <= 1.0
+    assert record["hit_by_kind"] and all(0.0 <= v <= 1.0 for v in record["hit_by_kind"].values())
+
     second = run_pipeline(tmp_path / "b")
     assert second == first, "two CPU runs with one seed must give identical metrics"
