@@ -123,19 +123,26 @@ def evaluate(model: ScratchLocaliser, bank: ImageBank, sentences: pd.DataFrame, 
              refs: pd.DataFrame, images: pd.DataFrame) -> dict:
     """Val PointM / mIoU (evaluate stage's protocol), object hit, and object hit by expression kind."""
     model.eval()
-    size = images.set_index("image_id")[["height", "width"]]
-    gt = GroundTruth(refs)
-    items, responses = [], {}
+    responses = {}
     with torch.no_grad():
         for start in range(0, len(sentences), 128):
             part = sentences.iloc[start:start + 128]
             maps = model.paired(bank.batch(part["image_id"]), tokens[start:start + 128]).numpy()
-            for raw, row in zip(maps, part.itertuples(index=False), strict=True):
-                responses[int(row.sent_id)] = raw
-                h, w = size.loc[row.image_id]
-                items.append((row.sent_id, row.ref_id, response_to_prob(raw, int(h), int(w))))
+            responses.update(zip(part["sent_id"].astype(int), maps, strict=True))
     model.train()
-    metrics, _ = score_maps(items, gt, 0.5)
+    return grounding_summary(responses, sentences, refs, images)
+
+
+def grounding_summary(responses: dict[int, np.ndarray], sentences: pd.DataFrame, refs: pd.DataFrame,
+                      images: pd.DataFrame) -> dict:
+    """PointM / mIoU of raw maps (``sent_id`` -> map) as the evaluate stage scores them, the object hit
+    (``pipeline.grounding.response_object_hits``) and the object hit by expression kind."""
+    size = images.set_index("image_id")[["height", "width"]]
+    items = []
+    for row in sentences.itertuples(index=False):
+        h, w = size.loc[row.image_id]
+        items.append((row.sent_id, row.ref_id, response_to_prob(responses[int(row.sent_id)], int(h), int(w))))
+    metrics, _ = score_maps(items, GroundTruth(refs), 0.5)
     hits = response_object_hits(responses, sentences, refs, images)
     by_kind = hits.assign(kind=hits["text"].map(expression_kind)).groupby("kind")["hit"].mean()
     return {"PointM": round(metrics["PointM"], 3), "mIoU": round(metrics["mIoU"], 3),

@@ -1,0 +1,186 @@
+"""Step-1 over tiny-CLIP architectures: does a wider or deeper embedded CLIP let Step-1 ground shape?
+
+    python scripts/step1_sweep.py 16:1111:cls_full_lr 32:1111:cls_full_lr:full_full_lr 32:2222:cls_full_lr
+
+Each argument is ``WIDTH:LAYERS:VARIANT[:VARIANT...]``: pretrain a tiny CLIP with
+``model.clip.tiny.vision_width = WIDTH`` and ``vision_layers = LAYERS`` (one digit per stage) exactly as
+the ``pretrain_clip`` stage does (same corpus, settings and seed; cached under ``--work``), report its
+masked-object ranking on val, then train Step-1 from it once per named variant (``VARIANTS`` below:
+``step1`` overrides of ``params.yaml``) and print one JSON line per run: val PointM and mIoU (the
+evaluate stage's protocol), the object hit, and the object hit by expression kind
+(``scripts/scratch_baseline.grounding_summary``). Lines are also appended to ``--out``.
+
+The ``scratch_*`` variants reset every CLIP weight before Step-1, so the architecture is trained from
+random weights inside Step-1's own loop: it separates "the CLIP's start" from "the Step-1 model and loss".
+Issue 14's next lever after the from-scratch baseline (docs/embedded-default-study.md). Meant for a GPU
+(about 20 s per pretraining and 15-40 s per Step-1 on an H100); it runs on CPU too. Training reads
+images and expressions only; val ground truth is read by the evaluation alone. No stage calls it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from bench.common import merge
+from pipeline import paths
+from pipeline.atomic import atomic_dir
+from pipeline.data.captions import pretraining_corpus
+from pipeline.data.index import load_index
+from pipeline.data.samples import ImageBank, split_sentences
+from pipeline.diagnostics import masked_object_ranking
+from pipeline.models.checkpoints import build_localiser
+from pipeline.models.clip_artifact import (
+    FROZEN_SPEC_FILE,
+    WEIGHTS_FILE,
+    clip_spec,
+    frozen_clip_spec,
+    load_frozen_clip,
+    resolve_calibration_size,
+    write_clip_spec,
+)
+from pipeline.models.clip_backbone import build_clip
+from pipeline.params import Params, parse_params
+from pipeline.responses import iter_responses
+from pipeline.runtime import select_device
+from pipeline.train.clip_pretrain import pretrain_clip
+from pipeline.train.step1 import localiser_meta, train_step1
+from scripts.scratch_baseline import grounding_summary
+
+CLS_ONLY = {"calibration_positive": False, "calibration_negative": False}
+FULL_LR = {"lr": 5e-4, "backbone_lr_mult": 1.0, "feature_stride": 16}  # the baseline's rate on everything
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "cls_full_lr": {**FULL_LR, **CLS_ONLY},
+    "full_full_lr": {**FULL_LR},
+    "cls_full_lr_4ep": {**FULL_LR, **CLS_ONLY, "epochs": 4},
+    "cls_full_lr_6ep": {**FULL_LR, **CLS_ONLY, "epochs": 6},
+    "cls_full_lr_128s8": {**FULL_LR, **CLS_ONLY, "input_size": 128, "feature_stride": 8},
+    "scratch_128s8_6ep": {**FULL_LR, **CLS_ONLY, "input_size": 128, "feature_stride": 8, "epochs": 6,
+                          "scratch": True},
+}
+
+
+def parse_run(text: str) -> tuple[int, list[int], list[str]]:
+    """``WIDTH:LAYERS:VARIANT[:VARIANT...]`` -> (width, layers, variants), with a clear error."""
+    parts = text.split(":")
+    if len(parts) < 3 or not parts[0].isdigit() or not parts[1].isdigit():
+        raise SystemExit(f"step1_sweep: run {text!r} is not WIDTH:LAYERS:VARIANT[:VARIANT...], "
+                         "e.g. 32:1111:cls_full_lr")
+    unknown = [v for v in parts[2:] if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"step1_sweep: unknown variant(s) {unknown} in {text!r}; known: {sorted(VARIANTS)}")
+    return int(parts[0]), [int(c) for c in parts[1]], parts[2:]
+
+
+class Sweep:
+    """The index, splits and base params shared by every run of one invocation."""
+
+    def __init__(self, base: dict, work: Path, out: Path, device: torch.device, epochs: int | None) -> None:
+        self.base, self.work, self.out, self.device, self.epochs = base, work, out, device, epochs
+        self.index = load_index(paths.INDEX)
+        self.train = split_sentences(self.index.images, self.index.sentences, "train")
+        self.val = split_sentences(self.index.images, self.index.sentences, "val").reset_index(drop=True)
+
+    def params(self, override: dict) -> Params:
+        return parse_params(merge(self.base, override), "params.yaml + step1_sweep overrides")
+
+    def emit(self, record: dict) -> None:
+        line = json.dumps(record)
+        print(line, flush=True)
+        with self.out.open("a") as f:
+            f.write(line + "\n")
+
+    def pretrain(self, width: int, layers: list[int]) -> Path:
+        """The pretrain_clip stage's embedded CLIP with this vision width and depth (cached)."""
+        override = {"model": {"clip": {"tiny": {"vision_width": width, "vision_layers": layers}}}}
+        if self.epochs is not None:
+            override["pretrain_clip"] = {"epochs": self.epochs}
+        params = self.params(override)
+        clip_dir = self.work / f"clip_w{width}_l{''.join(map(str, layers))}_e{params.pretrain_clip.epochs}"
+        if (clip_dir / FROZEN_SPEC_FILE).is_file():
+            return clip_dir
+        start = time.time()
+        tiny = params.model.clip.tiny.model_dump()
+        max_tokens, seed = params.model.max_tokens, params.base.seed
+        with atomic_dir(clip_dir) as out:
+            model = build_clip("tiny-rn", None, tiny=tiny, context_length=max_tokens)
+            bank = ImageBank.from_index(self.index.images, tiny["image_size"],
+                                        workers=params.base.num_workers)
+            corpus, corpus_bank = pretraining_corpus(self.train, params.pretrain_clip, params.synthesize,
+                                                     bank, size=tiny["image_size"], seed=seed)
+            pretrain_clip(model, corpus_bank, corpus, params.pretrain_clip, self.device, seed=seed,
+                          max_tokens=max_tokens)
+            torch.save(model.state_dict(), out / WEIGHTS_FILE)
+            spec = clip_spec("tiny-rn", WEIGHTS_FILE, tiny, max_tokens)
+            write_clip_spec(out, spec)
+            write_clip_spec(out, frozen_clip_spec("same", "same", spec), FROZEN_SPEC_FILE)
+        frozen = load_frozen_clip(clip_dir).to(self.device)
+        index = self.index
+        ranking = masked_object_ranking(frozen, index.images, index.refs, index.sentences, "val",
+                                        max_tokens, frozen.image_size, self.device)
+        self.emit({"clip": clip_dir.name, "pretrain_s": round(time.time() - start),
+                   "ranking": round(ranking["rate"], 3),
+                   "vision_params_M": round(sum(p.numel() for p in model.visual.parameters()) / 1e6, 2)})
+        return clip_dir
+
+    def step1(self, clip_dir: Path, name: str) -> None:
+        """Step-1 (``train_step1`` as the stage calls it) from ``clip_dir``, variant ``name``; val scores."""
+        update = dict(VARIANTS[name])
+        scratch = update.pop("scratch", False)
+        if self.epochs is not None:
+            update["epochs"] = self.epochs
+        params = self.params({"step1": update})
+        p = params.step1
+        meta = localiser_meta(params, str(clip_dir))
+        model = build_localiser(str(clip_dir), meta)
+        if scratch:
+            torch.manual_seed(params.base.seed)
+            for module in model.backbone.clip.modules():
+                if module is not model.backbone.clip and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        model.init_projectors_from_clip()
+        frozen = load_frozen_clip(clip_dir)
+        p = p.model_copy(update={"calibration_size": resolve_calibration_size(p.calibration_size, frozen)})
+        bank = ImageBank.from_index(self.index.images, p.input_size, workers=params.base.num_workers)
+        start = time.time()
+        model = train_step1(model, frozen, bank, self.train, p, self.device, seed=params.base.seed,
+                            max_tokens=params.model.max_tokens)
+        train_s = time.time() - start
+        responses = {}
+        with torch.no_grad():
+            for first, maps in iter_responses(model, bank, self.val, 128, params.model.max_tokens,
+                                              self.device, show_progress=False):
+                ids = self.val["sent_id"].iloc[first:first + len(maps)].astype(int)
+                responses.update(zip(ids, maps, strict=True))
+        summary = grounding_summary(responses, self.val, self.index.refs, self.index.images)
+        self.emit({"clip": clip_dir.name, "variant": name, "train_s": round(train_s), **summary})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="WIDTH:LAYERS:VARIANT[:VARIANT...]")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/step1_sweep"),
+                        help="where the pretrained CLIPs are cached")
+    parser.add_argument("--out", type=Path, default=Path("step1_sweep.jsonl"),
+                        help="JSON lines are appended here")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="override pretraining and Step-1 epochs (a smoke run; not the figures)")
+    args = parser.parse_args()
+    plan = [parse_run(text) for text in args.runs]
+    with open("params.yaml") as f:
+        raw = yaml.safe_load(f)
+    sweep = Sweep(raw, args.work, args.out, select_device(raw["base"]["device"]), args.epochs)
+    for width, layers, variants in plan:
+        clip_dir = sweep.pretrain(width, layers)
+        for name in variants:
+            sweep.step1(clip_dir, name)
+
+
+if __name__ == "__main__":
+    main()
