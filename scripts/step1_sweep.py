@@ -1,8 +1,10 @@
 """Step-1 over tiny-CLIP architectures: does a wider or deeper embedded CLIP let Step-1 ground shape?
 
     python scripts/step1_sweep.py 16:1111:cls_full_lr 32:1111:cls_full_lr:full_full_lr 32:2222:cls_full_lr
+    python scripts/step1_sweep.py clip:cls_baseline_settings    # from the built artifacts/clip
 
-Each argument is ``WIDTH:LAYERS:VARIANT[:VARIANT...]``: pretrain a tiny CLIP with
+Each argument is ``WIDTH:LAYERS:VARIANT[:VARIANT...]`` (or ``clip:VARIANT[:...]`` for the CLIP the
+``pretrain_clip`` stage built): pretrain a tiny CLIP with
 ``model.clip.tiny.vision_width = WIDTH`` and ``vision_layers = LAYERS`` (one digit per stage) exactly as
 the ``pretrain_clip`` stage does (same corpus, settings and seed; cached under ``--work``), report its
 masked-object ranking on val, then train Step-1 from it once per named variant (``VARIANTS`` below:
@@ -61,21 +63,29 @@ VARIANTS: dict[str, dict] = {
     "cls_full_lr_4ep": {**FULL_LR, **CLS_ONLY, "epochs": 4},
     "cls_full_lr_6ep": {**FULL_LR, **CLS_ONLY, "epochs": 6},
     "cls_full_lr_128s8": {**FULL_LR, **CLS_ONLY, "input_size": 128, "feature_stride": 8},
+    # every choice of scripts/scratch_baseline.py that is a params.yaml key (no prompt, constant lr, tau 10)
+    "cls_baseline_settings": {**FULL_LR, **CLS_ONLY, "input_size": 128, "feature_stride": 8, "prompt": "none",
+                              "poly_power": 0.0, "temperature": 10.0},
     "scratch_128s8_6ep": {**FULL_LR, **CLS_ONLY, "input_size": 128, "feature_stride": 8, "epochs": 6,
                           "scratch": True},
 }
 
 
-def parse_run(text: str) -> tuple[int, list[int], list[str]]:
-    """``WIDTH:LAYERS:VARIANT[:VARIANT...]`` -> (width, layers, variants), with a clear error."""
+def parse_run(text: str) -> tuple[tuple[int, list[int]] | None, list[str]]:
+    """``WIDTH:LAYERS:VARIANT[:VARIANT...]`` -> ((width, layers), variants); ``clip:VARIANT[:...]`` ->
+    (None, variants) for the built CLIP. A malformed run or an unknown variant is a clear error."""
     parts = text.split(":")
-    if len(parts) < 3 or not parts[0].isdigit() or not parts[1].isdigit():
-        raise SystemExit(f"step1_sweep: run {text!r} is not WIDTH:LAYERS:VARIANT[:VARIANT...], "
-                         "e.g. 32:1111:cls_full_lr")
-    unknown = [v for v in parts[2:] if v not in VARIANTS]
+    if parts[0] == "clip" and len(parts) >= 2:
+        architecture, variants = None, parts[1:]
+    elif len(parts) >= 3 and parts[0].isdigit() and parts[1].isdigit():
+        architecture, variants = (int(parts[0]), [int(c) for c in parts[1]]), parts[2:]
+    else:
+        raise SystemExit(f"step1_sweep: run {text!r} is not WIDTH:LAYERS:VARIANT[:VARIANT...] or "
+                         "clip:VARIANT[:VARIANT...], e.g. 32:1111:cls_full_lr")
+    unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"step1_sweep: unknown variant(s) {unknown} in {text!r}; known: {sorted(VARIANTS)}")
-    return int(parts[0]), [int(c) for c in parts[1]], parts[2:]
+    return architecture, variants
 
 
 class Sweep:
@@ -176,8 +186,8 @@ def main() -> None:
     with open("params.yaml") as f:
         raw = yaml.safe_load(f)
     sweep = Sweep(raw, args.work, args.out, select_device(raw["base"]["device"]), args.epochs)
-    for width, layers, variants in plan:
-        clip_dir = sweep.pretrain(width, layers)
+    for architecture, variants in plan:
+        clip_dir = paths.CLIP if architecture is None else sweep.pretrain(*architecture)
         for name in variants:
             sweep.step1(clip_dir, name)
 
