@@ -14,6 +14,8 @@ evaluate stage's protocol), the object hit, and the object hit by expression kin
 
 The ``scratch_*`` variants reset every CLIP weight before Step-1, so the architecture is trained from
 random weights inside Step-1's own loop: it separates "the CLIP's start" from "the Step-1 model and loss".
+``baseline_cnn_settings`` puts the from-scratch baseline's CNN in place of the CLIP's vision tower, with
+every baseline setting that is a ``params.yaml`` key: it separates the vision tower from the rest.
 Issue 14's next lever after the from-scratch baseline (docs/embedded-default-study.md). Meant for a GPU
 (about 20 s per pretraining and 15-40 s per Step-1 on an H100); it runs on CPU too. Training reads
 images and expressions only; val ground truth is read by the evaluation alone. No stage calls it.
@@ -47,12 +49,13 @@ from pipeline.models.clip_artifact import (
     write_clip_spec,
 )
 from pipeline.models.clip_backbone import build_clip
+from pipeline.models.step1 import TRISLocaliser
 from pipeline.params import Params, parse_params
 from pipeline.responses import iter_responses
 from pipeline.runtime import select_device
 from pipeline.train.clip_pretrain import pretrain_clip
 from pipeline.train.step1 import localiser_meta, train_step1
-from scripts.scratch_baseline import grounding_summary
+from scripts.scratch_baseline import ScratchLocaliser, grounding_summary
 
 CLS_ONLY = {"calibration_positive": False, "calibration_negative": False}
 FULL_LR = {"lr": 5e-4, "backbone_lr_mult": 1.0, "feature_stride": 16}  # the baseline's rate on everything
@@ -66,6 +69,9 @@ VARIANTS: dict[str, dict] = {
     # every choice of scripts/scratch_baseline.py that is a params.yaml key (no prompt, constant lr, tau 10)
     "cls_baseline_settings": {**FULL_LR, **CLS_ONLY, "input_size": 128, "feature_stride": 8, "prompt": "none",
                               "poly_power": 0.0, "temperature": 10.0},
+    # the same, with the baseline's CNN as Step-1's vision tower (random weights, fresh projectors)
+    "baseline_cnn_settings": {**FULL_LR, **CLS_ONLY, "input_size": 128, "feature_stride": 8, "prompt": "none",
+                              "poly_power": 0.0, "temperature": 10.0, "vision": "baseline_cnn"},
     "scratch_128s8_6ep": {**FULL_LR, **CLS_ONLY, "input_size": 128, "feature_stride": 8, "epochs": 6,
                           "scratch": True},
 }
@@ -86,6 +92,16 @@ def parse_run(text: str) -> tuple[tuple[int, list[int]] | None, list[str]]:
     if unknown:
         raise SystemExit(f"step1_sweep: unknown variant(s) {unknown} in {text!r}; known: {sorted(VARIANTS)}")
     return architecture, variants
+
+
+def use_baseline_cnn(model: TRISLocaliser, hidden_dim: int) -> None:
+    """Swap Step-1's vision tower for ``scripts/scratch_baseline.py``'s CNN (random weights, stride 8) and
+    give it a fresh projector to C_d. It takes the CLIP-normalised images Step-1 feeds its backbone; the
+    CLIP's own vision weights stay in the model, unused. Separates the vision tower from everything else."""
+    baseline = ScratchLocaliser()
+    model.backbone.add_module("baseline_cnn", baseline.visual)  # trained with the backbone's parameters
+    object.__setattr__(model.backbone, "dense_features", baseline.visual)  # shadows the method
+    model.vis_proj = torch.nn.Conv2d(baseline.visual_proj.in_channels, hidden_dim, kernel_size=1)
 
 
 class Sweep:
@@ -143,6 +159,7 @@ class Sweep:
         """Step-1 (``train_step1`` as the stage calls it) from ``clip_dir``, variant ``name``; val scores."""
         update = dict(VARIANTS[name])
         scratch = update.pop("scratch", False)
+        vision = update.pop("vision", "clip")
         if self.epochs is not None:
             update["epochs"] = self.epochs
         params = self.params({"step1": update})
@@ -154,7 +171,11 @@ class Sweep:
             for module in model.backbone.clip.modules():
                 if module is not model.backbone.clip and hasattr(module, "reset_parameters"):
                     module.reset_parameters()
-        model.init_projectors_from_clip()
+        if vision == "baseline_cnn":
+            torch.manual_seed(params.base.seed)
+            use_baseline_cnn(model, params.model.hidden_dim)
+        else:
+            model.init_projectors_from_clip()
         frozen = load_frozen_clip(clip_dir)
         p = p.model_copy(update={"calibration_size": resolve_calibration_size(p.calibration_size, frozen)})
         bank = ImageBank.from_index(self.index.images, p.input_size, workers=params.base.num_workers)
@@ -180,7 +201,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("step1_sweep.jsonl"),
                         help="JSON lines are appended here")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="override pretraining and Step-1 epochs (a smoke run; not the figures)")
+                        help="override the pretraining and Step-1 epochs of every run")
     args = parser.parse_args()
     plan = [parse_run(text) for text in args.runs]
     with open("params.yaml") as f:

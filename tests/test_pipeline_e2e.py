@@ -88,11 +88,11 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
     assert record["step"] == 2 and 0.0 <= record["PointM"] <= 1.0 and 0.0 <= record["object_hit"] <= 1.0
     assert record["hit_by_kind"] and all(0.0 <= v <= 1.0 for v in record["hit_by_kind"].values())
 
-    # Step-1 from a tiny CLIP of another width, pretrained again, and from the same architecture reset
+    # Step-1 from a tiny CLIP of another width (pretrained again), from it reset, with the baseline's CNN
     script = str(ROOT / "scripts" / "step1_sweep.py")
     sweep_out = tmp_path / "sweep.jsonl"
     done = subprocess.run([sys.executable, script, "16:1111:cls_full_lr:scratch_128s8_6ep",
-                           "clip:cls_baseline_settings", "--epochs", "1",
+                           "clip:cls_baseline_settings:baseline_cnn_settings", "--epochs", "1",
                            "--work", str(tmp_path / "sweep"), "--out", str(sweep_out)], cwd=tmp_path / "a",
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -100,7 +100,8 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
     assert clip["clip"] == "clip_w16_l1111_e1" and 0.0 <= clip["ranking"] <= 1.0
     assert [(r["clip"], r["variant"]) for r in runs] == [("clip_w16_l1111_e1", "cls_full_lr"),
                                                          ("clip_w16_l1111_e1", "scratch_128s8_6ep"),
-                                                         ("clip", "cls_baseline_settings")]
+                                                         ("clip", "cls_baseline_settings"),
+                                                         ("clip", "baseline_cnn_settings")]
     assert all(0.0 <= r["PointM"] <= 1.0 and 0.0 <= r["object_hit"] <= 1.0 and r["hit_by_kind"] for r in runs)
     done = subprocess.run([sys.executable, script, "16:1111:no_such_variant"], cwd=tmp_path / "a", env=env,
                           capture_output=True, text=True, timeout=600)
