@@ -69,6 +69,9 @@ VARIANTS: dict[str, dict] = {
     # every choice of scripts/scratch_baseline.py that is a params.yaml key (no prompt, constant lr, tau 10)
     "cls_baseline_settings": {**FULL_LR, **CLS_ONLY, "input_size": 128, "feature_stride": 8, "prompt": "none",
                               "poly_power": 0.0, "temperature": 10.0},
+    # the full method (bilateral prompt, calibration as params.yaml) at the baseline's settings
+    "full_baseline_settings": {**FULL_LR, "input_size": 128, "feature_stride": 8, "poly_power": 0.0,
+                               "temperature": 10.0},
     # the same, with the baseline's CNN as Step-1's vision tower (random weights, fresh projectors)
     "baseline_cnn_settings": {**FULL_LR, **CLS_ONLY, "input_size": 128, "feature_stride": 8, "prompt": "none",
                               "poly_power": 0.0, "temperature": 10.0, "vision": "baseline_cnn"},
