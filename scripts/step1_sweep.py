@@ -59,6 +59,8 @@ from scripts.scratch_baseline import ScratchLocaliser, grounding_summary
 
 CLS_ONLY = {"calibration_positive": False, "calibration_negative": False}
 FULL_LR = {"lr": 5e-4, "backbone_lr_mult": 1.0, "feature_stride": 16}  # the baseline's rate on everything
+# every choice of scripts/scratch_baseline.py that is a params.yaml key but the prompt (constant lr, tau 10)
+BASELINE = {**FULL_LR, "input_size": 128, "feature_stride": 8, "poly_power": 0.0, "temperature": 10.0}
 VARIANTS: dict[str, dict] = {
     "default": {},
     "cls_full_lr": {**FULL_LR, **CLS_ONLY},
@@ -66,15 +68,11 @@ VARIANTS: dict[str, dict] = {
     "cls_full_lr_4ep": {**FULL_LR, **CLS_ONLY, "epochs": 4},
     "cls_full_lr_6ep": {**FULL_LR, **CLS_ONLY, "epochs": 6},
     "cls_full_lr_128s8": {**FULL_LR, **CLS_ONLY, "input_size": 128, "feature_stride": 8},
-    # every choice of scripts/scratch_baseline.py that is a params.yaml key (no prompt, constant lr, tau 10)
-    "cls_baseline_settings": {**FULL_LR, **CLS_ONLY, "input_size": 128, "feature_stride": 8, "prompt": "none",
-                              "poly_power": 0.0, "temperature": 10.0},
+    "cls_baseline_settings": {**BASELINE, **CLS_ONLY, "prompt": "none"},
     # the full method (bilateral prompt, calibration as params.yaml) at the baseline's settings
-    "full_baseline_settings": {**FULL_LR, "input_size": 128, "feature_stride": 8, "poly_power": 0.0,
-                               "temperature": 10.0},
-    # the same, with the baseline's CNN as Step-1's vision tower (random weights, fresh projectors)
-    "baseline_cnn_settings": {**FULL_LR, **CLS_ONLY, "input_size": 128, "feature_stride": 8, "prompt": "none",
-                              "poly_power": 0.0, "temperature": 10.0, "vision": "baseline_cnn"},
+    "full_baseline_settings": {**BASELINE},
+    # the baseline's CNN as Step-1's vision tower (random weights, fresh projectors)
+    "baseline_cnn_settings": {**BASELINE, **CLS_ONLY, "prompt": "none", "vision": "baseline_cnn"},
     "scratch_128s8_6ep": {**FULL_LR, **CLS_ONLY, "input_size": 128, "feature_stride": 8, "epochs": 6,
                           "scratch": True},
 }
