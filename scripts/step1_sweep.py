@@ -1,4 +1,4 @@
-"""Step-1 over tiny-CLIP architectures: does a wider or deeper embedded CLIP let Step-1 ground shape?
+"""Step-1 over tiny-CLIP architectures and training settings: what lets Step-1 ground shape?
 
     python scripts/step1_sweep.py 16:1111:cls_full_lr 32:1111:cls_full_lr:full_full_lr 32:2222:cls_full_lr
     python scripts/step1_sweep.py clip:cls_baseline_settings    # from the built artifacts/clip
