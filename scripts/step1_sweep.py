@@ -113,6 +113,13 @@ class Sweep:
         self.index = load_index(paths.INDEX)
         self.train = split_sentences(self.index.images, self.index.sentences, "train")
         self.val = split_sentences(self.index.images, self.index.sentences, "val").reset_index(drop=True)
+        self.banks: dict[int, ImageBank] = {}
+
+    def bank(self, size: int, workers: int) -> ImageBank:
+        """One image bank per input size for the whole sweep: its decoded images are reused across runs."""
+        if size not in self.banks:
+            self.banks[size] = ImageBank.from_index(self.index.images, size, workers=workers)
+        return self.banks[size]
 
     def params(self, override: dict) -> Params:
         return parse_params(merge(self.base, override), "params.yaml + step1_sweep overrides")
@@ -137,8 +144,7 @@ class Sweep:
         max_tokens, seed = params.model.max_tokens, params.base.seed
         with atomic_dir(clip_dir) as out:
             model = build_clip("tiny-rn", None, tiny=tiny, context_length=max_tokens)
-            bank = ImageBank.from_index(self.index.images, tiny["image_size"],
-                                        workers=params.base.num_workers)
+            bank = self.bank(tiny["image_size"], params.base.num_workers)
             corpus, corpus_bank = pretraining_corpus(self.train, params.pretrain_clip, params.synthesize,
                                                      bank, size=tiny["image_size"], seed=seed)
             pretrain_clip(model, corpus_bank, corpus, params.pretrain_clip, self.device, seed=seed,
@@ -179,7 +185,7 @@ class Sweep:
             model.init_projectors_from_clip()
         frozen = load_frozen_clip(clip_dir)
         p = p.model_copy(update={"calibration_size": resolve_calibration_size(p.calibration_size, frozen)})
-        bank = ImageBank.from_index(self.index.images, p.input_size, workers=params.base.num_workers)
+        bank = self.bank(p.input_size, params.base.num_workers)
         start = time.time()
         model = train_step1(model, frozen, bank, self.train, p, self.device, seed=params.base.seed,
                             max_tokens=params.model.max_tokens)
