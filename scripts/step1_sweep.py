@@ -71,6 +71,9 @@ VARIANTS: dict[str, dict] = {
     "cls_baseline_settings": {**BASELINE, **CLS_ONLY, "prompt": "none"},
     # the full method (bilateral prompt, calibration as params.yaml) at the baseline's settings
     "full_baseline_settings": {**BASELINE},
+    # the two halves of the full method apart: the bilateral prompt with L_cls, and calibration without it
+    "prompt_baseline_settings": {**BASELINE, **CLS_ONLY},
+    "cal_baseline_settings": {**BASELINE, "prompt": "none"},
     # the baseline's CNN as Step-1's vision tower (random weights, fresh projectors)
     "baseline_cnn_settings": {**BASELINE, **CLS_ONLY, "prompt": "none", "vision": "baseline_cnn"},
     "scratch_128s8_6ep": {**FULL_LR, **CLS_ONLY, "input_size": 128, "feature_stride": 8, "epochs": 6,
