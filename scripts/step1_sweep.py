@@ -34,7 +34,6 @@ import yaml
 from bench.common import merge
 from pipeline import paths
 from pipeline.atomic import atomic_dir
-from pipeline.data.captions import pretraining_corpus
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.diagnostics import masked_object_ranking
@@ -48,12 +47,11 @@ from pipeline.models.clip_artifact import (
     resolve_calibration_size,
     write_clip_spec,
 )
-from pipeline.models.clip_backbone import build_clip
 from pipeline.models.step1 import TRISLocaliser
 from pipeline.params import Params, parse_params
 from pipeline.responses import iter_responses
-from pipeline.runtime import select_device
-from pipeline.train.clip_pretrain import pretrain_clip
+from pipeline.runtime import configure_threads, seed_everything, select_device
+from pipeline.train.clip_pretrain import pretrain_embedded_clip
 from pipeline.train.step1 import localiser_meta, train_step1
 from scripts.scratch_baseline import ScratchLocaliser, grounding_summary
 
@@ -143,17 +141,12 @@ class Sweep:
         if (clip_dir / FROZEN_SPEC_FILE).is_file():
             return clip_dir
         start = time.time()
-        tiny = params.model.clip.tiny.model_dump()
-        max_tokens, seed = params.model.max_tokens, params.base.seed
+        clip_p, max_tokens = params.model.clip, params.model.max_tokens
         with atomic_dir(clip_dir) as out:
-            model = build_clip("tiny-rn", None, tiny=tiny, context_length=max_tokens)
-            bank = self.bank(tiny["image_size"], params.base.num_workers)
-            corpus, corpus_bank = pretraining_corpus(self.train, params.pretrain_clip, params.synthesize,
-                                                     bank, size=tiny["image_size"], seed=seed)
-            pretrain_clip(model, corpus_bank, corpus, params.pretrain_clip, self.device, seed=seed,
-                          max_tokens=max_tokens)
+            bank = self.bank(clip_p.tiny.image_size, params.base.num_workers)
+            model = pretrain_embedded_clip(params, self.train, bank, self.device)
             torch.save(model.state_dict(), out / WEIGHTS_FILE)
-            spec = clip_spec("tiny-rn", WEIGHTS_FILE, tiny, max_tokens)
+            spec = clip_spec(clip_p.name, WEIGHTS_FILE, clip_p.tiny.model_dump(), max_tokens)
             write_clip_spec(out, spec)
             write_clip_spec(out, frozen_clip_spec("same", "same", spec), FROZEN_SPEC_FILE)
         frozen = load_frozen_clip(clip_dir).to(self.device)
@@ -175,6 +168,7 @@ class Sweep:
         params = self.params({"step1": update})
         p = params.step1
         meta = localiser_meta(params, str(clip_dir))
+        seed_everything(params.base.seed)  # as the stage's start_stage: each run starts where the stage does
         model = build_localiser(str(clip_dir), meta)
         if scratch:
             torch.manual_seed(params.base.seed)
@@ -216,6 +210,7 @@ def main() -> None:
     plan = [parse_run(text) for text in args.runs]
     with open("params.yaml") as f:
         raw = yaml.safe_load(f)
+    configure_threads(raw["base"]["threads"])  # as start_stage: float results depend on the thread count
     sweep = Sweep(raw, args.work, args.out, select_device(raw["base"]["device"]), args.epochs)
     for architecture, variants in plan:
         clip_dir = paths.CLIP if architecture is None else sweep.pretrain(*architecture)

@@ -17,7 +17,7 @@ import torch
 
 from pipeline import paths
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.data.captions import cutout_corpus, pretraining_corpus
+from pipeline.data.captions import cutout_corpus
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.data.splits import require_eval_splits
@@ -35,7 +35,7 @@ from pipeline.models.clip_artifact import (
 from pipeline.models.clip_backbone import build_clip
 from pipeline.params import Params
 from pipeline.stage import StageTimer, start_stage
-from pipeline.train.clip_pretrain import pretrain_clip
+from pipeline.train.clip_pretrain import pretrain_clip, pretrain_embedded_clip
 from pipeline.train.loop import TrainingRun
 
 
@@ -63,18 +63,13 @@ def main() -> None:
     eval_splits = require_eval_splits("pretrain_clip", index, params.data.eval_splits)
     with StageTimer("pretrain_clip"), atomic_dir(paths.CLIP) as out:
         if clip_p.pretrained == "embedded":
-            tiny = clip_p.tiny.model_dump()
-            model = build_clip(clip_p.name, None, tiny=tiny, context_length=params.model.max_tokens)
             index_bank = ImageBank.from_index(index.images, clip_p.tiny.image_size,
                                               workers=params.base.num_workers)
             train = split_sentences(index.images, index.sentences, "train")
-            corpus, bank = pretraining_corpus(train, params.pretrain_clip, params.synthesize, index_bank,
-                                              size=clip_p.tiny.image_size, seed=params.base.seed)
             run = TrainingRun("pretrain_clip", live_dir=out / "live")  # out is fresh: nothing to resume
-            pretrain_clip(model, bank, corpus, params.pretrain_clip, device, seed=params.base.seed,
-                          max_tokens=params.model.max_tokens, run=run)
+            model = pretrain_embedded_clip(params, train, index_bank, device, run)
             run.finish(lambda: torch.save(model.state_dict(), out / WEIGHTS_FILE))
-            spec = clip_spec(clip_p.name, WEIGHTS_FILE, tiny, params.model.max_tokens)
+            spec = clip_spec(clip_p.name, WEIGHTS_FILE, clip_p.tiny.model_dump(), params.model.max_tokens)
         else:
             spec = clip_spec(clip_p.name, clip_p.pretrained, None, 77)
         write_clip_spec(out, spec)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from tiny_pipeline import ROOT, run_pipeline
 
 
@@ -88,20 +89,31 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
     assert record["step"] == 2 and 0.0 <= record["PointM"] <= 1.0 and 0.0 <= record["object_hit"] <= 1.0
     assert record["hit_by_kind"] and all(0.0 <= v <= 1.0 for v in record["hit_by_kind"].values())
 
-    # Step-1 from a tiny CLIP of another width (pretrained again), from it reset, with the baseline's CNN
+    # Step-1 from a tiny CLIP of another width (pretrained again), from it reset, with the baseline's CNN;
+    # pretrained again at the stage's own width (8), the sweep's CLIP is the stage's, weight for weight
     script = str(ROOT / "scripts" / "step1_sweep.py")
     sweep_out = tmp_path / "sweep.jsonl"
     done = subprocess.run([sys.executable, script, "16:1111:cls_full_lr:scratch_128s8_6ep",
-                           "clip:cls_baseline_settings:baseline_cnn_settings", "--epochs", "1",
-                           "--work", str(tmp_path / "sweep"), "--out", str(sweep_out)], cwd=tmp_path / "a",
+                           "8:1111:cls_full_lr", "clip:cls_baseline_settings:baseline_cnn_settings",
+                           "--epochs", "1", "--work", str(tmp_path / "sweep"), "--out", str(sweep_out)],
+                          cwd=tmp_path / "a",
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    clip, *runs = [json.loads(line) for line in sweep_out.read_text().splitlines()]
+    records = [json.loads(line) for line in sweep_out.read_text().splitlines()]
+    clip, clip8 = records.pop(0), records.pop(2)
+    runs = records
     assert clip["clip"] == "clip_w16_l1111_e1" and 0.0 <= clip["ranking"] <= 1.0
+    assert clip8["clip"] == "clip_w8_l1111_e1"
+    assert clip8["ranking"] == pytest.approx(diagnostic["rate"], abs=1e-3)
     assert [(r["clip"], r["variant"]) for r in runs] == [("clip_w16_l1111_e1", "cls_full_lr"),
                                                          ("clip_w16_l1111_e1", "scratch_128s8_6ep"),
+                                                         ("clip_w8_l1111_e1", "cls_full_lr"),
                                                          ("clip", "cls_baseline_settings"),
                                                          ("clip", "baseline_cnn_settings")]
+    stage_clip = torch.load(tmp_path / "a" / "artifacts" / "clip" / "clip.pt", weights_only=True)
+    sweep_clip = torch.load(tmp_path / "sweep" / "clip_w8_l1111_e1" / "clip.pt", weights_only=True)
+    assert stage_clip.keys() == sweep_clip.keys()
+    assert all(torch.equal(stage_clip[k], sweep_clip[k]) for k in stage_clip)
     assert all(0.0 <= r["PointM"] <= 1.0 and 0.0 <= r["object_hit"] <= 1.0 and r["hit_by_kind"] for r in runs)
     done = subprocess.run([sys.executable, script, "16:1111:no_such_variant"], cwd=tmp_path / "a", env=env,
                           capture_output=True, text=True, timeout=600)

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.data.captions import pretraining_corpus
 from pipeline.data.samples import ImageBank
 from pipeline.maps import clip_normalize
-from pipeline.models.clip_backbone import tokenize
-from pipeline.params import PretrainClipParams
-from pipeline.runtime import channels_last, to_channels_last
+from pipeline.models.clip_backbone import build_clip, tokenize
+from pipeline.params import Params, PretrainClipParams
+from pipeline.runtime import channels_last, seed_everything, to_channels_last
 from pipeline.train.common import build_optimizer, warmup_cosine_scheduler
 from pipeline.train.loop import Epoch, StepOut, Training, TrainingRun, fit
 
@@ -124,3 +125,22 @@ def pretrain_clip(model: nn.Module, bank: ImageBank, sentences: pd.DataFrame, p:
     name = run.name if run is not None else "pretrain_clip"
     return fit(ClipPretraining(model, bank, sentences, p, device, seed=seed, max_tokens=max_tokens,
                                name=name), run)
+
+
+def pretrain_embedded_clip(params: Params, train: pd.DataFrame, index_bank: ImageBank, device: torch.device,
+                           run: TrainingRun | None = None) -> nn.Module:
+    """The embedded default's CLIP (``model.clip.pretrained: embedded``): ``model.clip.tiny`` from random
+    weights (seeded with ``base.seed``), trained on ``pretraining_corpus`` of the train split's
+    sentences ``train`` (images from ``index_bank``, at ``model.clip.tiny.image_size``).
+
+    One definition for the ``pretrain_clip`` stage and ``scripts/step1_sweep.py``, so a CLIP the sweep
+    pretrains with other ``model.clip.tiny`` values is the one the stage would build with them.
+    """
+    clip_p = params.model.clip
+    seed_everything(params.base.seed)
+    model = build_clip(clip_p.name, None, tiny=clip_p.tiny.model_dump(),
+                       context_length=params.model.max_tokens)
+    corpus, bank = pretraining_corpus(train, params.pretrain_clip, params.synthesize, index_bank,
+                                      size=clip_p.tiny.image_size, seed=params.base.seed)
+    return pretrain_clip(model, bank, corpus, params.pretrain_clip, device, seed=params.base.seed,
+                         max_tokens=params.model.max_tokens, run=run)
