@@ -96,12 +96,10 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
     done = subprocess.run([sys.executable, script, "16:1111:cls_full_lr:scratch_128s8_6ep",
                            "8:1111:cls_full_lr", "clip:cls_baseline_settings:baseline_cnn_settings",
                            "--epochs", "1", "--work", str(tmp_path / "sweep"), "--out", str(sweep_out)],
-                          cwd=tmp_path / "a",
-                          env=env, capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path / "a", env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    records = [json.loads(line) for line in sweep_out.read_text().splitlines()]
-    clip, clip8 = records.pop(0), records.pop(2)
-    runs = records
+    runs = [json.loads(line) for line in sweep_out.read_text().splitlines()]
+    clip, clip8 = runs.pop(0), runs.pop(2)  # the two pretraining records; the rest are Step-1 runs
     assert clip["clip"] == "clip_w16_l1111_e1" and 0.0 <= clip["ranking"] <= 1.0
     assert clip8["clip"] == "clip_w8_l1111_e1"
     assert clip8["ranking"] == pytest.approx(diagnostic["rate"], abs=1e-3)
