@@ -71,6 +71,10 @@ VARIANTS: dict[str, dict] = {
     "full_baseline_settings": {**BASELINE},
     # the two halves of the full method apart: the bilateral prompt with L_cls, and calibration without it
     "prompt_baseline_settings": {**BASELINE, **CLS_ONLY},
+    # the frozen scorer at its own input size (calibration_size auto), for --frozen scorers trained at 64 px:
+    # the default's settings, and the full rate at stride 16 with the paper's lambda 5
+    "default_native_scorer": {"calibration_size": "auto"},
+    "full_full_lr_native_scorer_cls5": {**FULL_LR, "calibration_size": "auto", "cls_weight": 5.0},
     "cal_baseline_settings": {**BASELINE, "prompt": "none"},
     # the baseline's CNN as Step-1's vision tower (random weights, fresh projectors)
     "baseline_cnn_settings": {**BASELINE, **CLS_ONLY, "prompt": "none", "vision": "baseline_cnn"},
@@ -109,8 +113,10 @@ def use_baseline_cnn(model: TRISLocaliser, hidden_dim: int) -> None:
 class Sweep:
     """The index, splits and base params shared by every run of one invocation."""
 
-    def __init__(self, base: dict, work: Path, out: Path, device: torch.device, epochs: int | None) -> None:
+    def __init__(self, base: dict, work: Path, out: Path, device: torch.device, epochs: int | None,
+                 frozen: Path | None = None) -> None:
         self.base, self.work, self.out, self.device, self.epochs = base, work, out, device, epochs
+        self.frozen = frozen
         self.index = load_index(paths.INDEX)
         self.train = split_sentences(self.index.images, self.index.sentences, "train")
         self.val = split_sentences(self.index.images, self.index.sentences, "val").reset_index(drop=True)
@@ -180,7 +186,7 @@ class Sweep:
             use_baseline_cnn(model, params.model.hidden_dim)
         else:
             model.init_projectors_from_clip()
-        frozen = load_frozen_clip(clip_dir)
+        frozen = load_frozen_clip(self.frozen or clip_dir)
         p = p.model_copy(update={"calibration_size": resolve_calibration_size(p.calibration_size, frozen)})
         bank = self.bank(p.input_size, params.base.num_workers)
         start = time.time()
@@ -194,7 +200,8 @@ class Sweep:
                 ids = self.val["sent_id"].iloc[first:first + len(maps)].astype(int)
                 responses.update(zip(ids, maps, strict=True))
         summary = grounding_summary(responses, self.val, self.index.refs, self.index.images)
-        self.emit({"clip": clip_dir.name, "variant": name, "train_s": round(train_s), **summary})
+        scorer = {"frozen": str(self.frozen)} if self.frozen else {}
+        self.emit({"clip": clip_dir.name, "variant": name, **scorer, "train_s": round(train_s), **summary})
 
 
 def main() -> None:
@@ -206,12 +213,16 @@ def main() -> None:
                         help="JSON lines are appended here")
     parser.add_argument("--epochs", type=int, default=None,
                         help="override the pretraining and Step-1 epochs of every run")
+    parser.add_argument("--frozen", type=Path, default=None,
+                        help="calibrate with the frozen CLIP of this folder (its frozen_clip.json), not the "
+                             "CLIP folder's own; e.g. a scorer of scripts/frozen_scorer_seeds.py --out-dir")
     args = parser.parse_args()
     plan = [parse_run(text) for text in args.runs]
     with open("params.yaml") as f:
         raw = yaml.safe_load(f)
     configure_threads(raw["base"]["threads"])  # as start_stage: float results depend on the thread count
-    sweep = Sweep(raw, args.work, args.out, select_device(raw["base"]["device"]), args.epochs)
+    sweep = Sweep(raw, args.work, args.out, select_device(raw["base"]["device"]), args.epochs,
+                  args.frozen)
     for architecture, variants in plan:
         clip_dir = paths.CLIP if architecture is None else sweep.pretrain(*architecture)
         for name in variants:

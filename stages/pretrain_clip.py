@@ -17,7 +17,6 @@ import torch
 
 from pipeline import paths
 from pipeline.atomic import atomic_dir, write_json
-from pipeline.data.captions import cutout_corpus
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.data.splits import require_eval_splits
@@ -32,26 +31,16 @@ from pipeline.models.clip_artifact import (
     load_frozen_clip,
     write_clip_spec,
 )
-from pipeline.models.clip_backbone import build_clip
 from pipeline.params import Params
 from pipeline.stage import StageTimer, start_stage
-from pipeline.train.clip_pretrain import pretrain_clip, pretrain_embedded_clip
+from pipeline.train.clip_pretrain import pretrain_embedded_clip, pretrain_embedded_frozen_clip
 from pipeline.train.loop import TrainingRun
 
 
 def pretrain_frozen_clip(params: Params, out: Path, device: torch.device) -> dict:
-    """Train the embedded frozen CLIP on ``pretrain_clip.frozen``'s cutout corpus; return its spec.
-
-    It shares the tiny architecture of ``model.clip.tiny`` except for its input side, and the optimiser
-    settings of ``pretrain_clip``; it never sees a RIS image.
-    """
-    fp = params.pretrain_clip.frozen
-    tiny = {**params.model.clip.tiny.model_dump(), "image_size": fp.image_size}
-    model = build_clip(params.model.frozen_clip.name, None, tiny=tiny, context_length=params.model.max_tokens)
-    corpus, bank = cutout_corpus(fp, params.synthesize, seed=params.base.seed)
+    """Train the embedded frozen CLIP (``pretrain_embedded_frozen_clip``) into ``out``; return its spec."""
     run = TrainingRun("pretrain_frozen_clip", live_dir=out / "frozen_live")
-    pretrain_clip(model, bank, corpus, params.pretrain_clip.model_copy(update={"epochs": fp.epochs}), device,
-                  seed=params.base.seed, max_tokens=params.model.max_tokens, run=run)
+    model, tiny = pretrain_embedded_frozen_clip(params, device, run)
     run.finish(lambda: torch.save(model.state_dict(), out / FROZEN_WEIGHTS_FILE))
     return clip_spec(params.model.frozen_clip.name, FROZEN_WEIGHTS_FILE, tiny, params.model.max_tokens)
 

@@ -160,3 +160,41 @@ def test_pretrain_clip_trains_the_embedded_frozen_clip_that_step1_calibrates_wit
     trained = torch.load(clip_dir / FROZEN_WEIGHTS_FILE, weights_only=True)
     assert trained["ln_final.bias"].abs().sum() > 0  # built with zeros: the optimiser moved it
     assert "cal_pos" in run_stage(tmp_path, "train_step1")
+
+
+def _tiny_frozen_params(seed: int):
+    from tiny_pipeline import TINY, merge
+
+    raw = merge(merge(_params(), TINY), {"base": {"seed": seed}, "model": {"frozen_clip": {
+        "name": "tiny-rn", "pretrained": "embedded"}}, "pretrain_clip": {"frozen": {"pictures": 4}}})
+    return parse_params(raw)
+
+
+def test_embedded_frozen_clip_is_seeded_by_its_own_seed_not_by_what_ran_before():
+    """The stage trains the frozen scorer after the main CLIP; its start (which decides whether it
+    learns position words) must depend on base.seed alone, so that scripts/frozen_scorer_seeds.py's
+    seed N is the scorer the stage builds with base.seed N."""
+    from pipeline.train.clip_pretrain import pretrain_embedded_frozen_clip
+
+    cpu = torch.device("cpu")
+    first, tiny = pretrain_embedded_frozen_clip(_tiny_frozen_params(0), cpu)
+    torch.rand(1000)  # what the main CLIP's pretraining would leave in the global generator
+    again, _ = pretrain_embedded_frozen_clip(_tiny_frozen_params(0), cpu)
+    other, _ = pretrain_embedded_frozen_clip(_tiny_frozen_params(0), cpu, seed=1)
+    assert tiny["image_size"] == 32  # pretrain_clip.frozen.image_size, not model.clip.tiny's
+    weights, same, moved = first.state_dict(), again.state_dict(), other.state_dict()
+    assert all(torch.equal(weights[k], same[k]) for k in weights)
+    assert not torch.equal(weights["text_projection"], moved["text_projection"])
+
+
+def test_seed_summary_gives_each_family_its_seeds_mean_and_spread():
+    from scripts.frozen_scorer_seeds import seed_summary
+
+    rows = [{"seed": s, "family": f, "rate": r} for s, f, r in [
+        (0, "position", 0.8), (1, "position", 0.4), (0, "all", 0.8), (1, "all", 0.6),
+        (0, "attribute", 0.9), (1, "attribute", 0.7)]]
+    table = seed_summary(rows)
+    assert list(table.index) == ["attribute", "position", "all"]
+    assert table.loc["position", "mean"] == pytest.approx(0.6)
+    assert table.loc["position", "std"] == pytest.approx(2 ** 0.5 * 0.2)  # ddof 1: sqrt(0.2^2 + 0.2^2)
+    assert table.loc["all", "std"] == pytest.approx(((0.1 ** 2 + 0.1 ** 2) / 1) ** 0.5)

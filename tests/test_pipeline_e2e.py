@@ -113,6 +113,25 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
     assert stage_clip.keys() == sweep_clip.keys()
     assert all(torch.equal(stage_clip[k], sweep_clip[k]) for k in stage_clip)
     assert all(0.0 <= r["PointM"] <= 1.0 and 0.0 <= r["object_hit"] <= 1.0 and r["hit_by_kind"] for r in runs)
+    # the embedded frozen scorer over seeds (seed 0 is the one the stage would build), and Step-1
+    # calibrated with one of them through the sweep's --frozen
+    seeds = subprocess.run([sys.executable, str(ROOT / "scripts" / "frozen_scorer_seeds.py"), "--seeds", "0",
+                            "1", "--kinds", "scene", "--pictures", "4", "--epochs", "1", "--out-dir",
+                            str(tmp_path / "scorers")], cwd=tmp_path / "a", env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert seeds.returncode == 0, seeds.stderr[-3000:]
+    table = {r.split("|")[1].strip(): [float(v) for v in r.split("|")[2:-1]]
+             for r in seeds.stdout.splitlines() if r.startswith("| ") and not r.startswith("| family")}
+    assert set(table) <= {"attribute", "position", "relation", "all"} and "all" in table
+    assert all(len(v) == 4 and 0.0 <= min(v[:3]) <= max(v[:3]) <= 1.0 for v in table.values())
+    assert table["all"][2] == pytest.approx((table["all"][0] + table["all"][1]) / 2, abs=1e-3)  # printed .3f
+    done = subprocess.run([sys.executable, script, "clip:default_native_scorer", "--epochs", "1", "--frozen",
+                           str(tmp_path / "scorers" / "seed0"), "--out", str(sweep_out)], cwd=tmp_path / "a",
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(sweep_out.read_text().splitlines()[-1])
+    assert record["variant"] == "default_native_scorer" and record["frozen"].endswith("seed0")
+    assert 0.0 <= record["PointM"] <= 1.0
     done = subprocess.run([sys.executable, script, "16:1111:no_such_variant"], cwd=tmp_path / "a", env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "unknown variant(s) ['no_such_variant']" in done.stderr

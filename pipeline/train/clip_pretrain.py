@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data.captions import pretraining_corpus
+from pipeline.data.captions import cutout_corpus, pretraining_corpus
 from pipeline.data.samples import ImageBank
 from pipeline.maps import clip_normalize
 from pipeline.models.clip_backbone import build_clip, tokenize
@@ -144,3 +144,25 @@ def pretrain_embedded_clip(params: Params, train: pd.DataFrame, index_bank: Imag
                                       size=clip_p.tiny.image_size, seed=params.base.seed)
     return pretrain_clip(model, bank, corpus, params.pretrain_clip, device, seed=params.base.seed,
                          max_tokens=params.model.max_tokens, run=run)
+
+
+def pretrain_embedded_frozen_clip(params: Params, device: torch.device, run: TrainingRun | None = None,
+                                  *, seed: int | None = None) -> tuple[nn.Module, dict]:
+    """The embedded frozen CLIP of calibration and PRMS (``model.frozen_clip.pretrained: embedded``) and
+    its ``tiny`` architecture: ``model.clip.tiny`` at ``pretrain_clip.frozen.image_size``, from random
+    weights seeded with ``seed`` (default ``base.seed``, which also seeds its cutout corpus), trained on
+    ``pretrain_clip.frozen``'s cutouts with ``pretrain_clip``'s optimiser settings. It never sees a RIS image.
+
+    Seeded here, not by whatever the main CLIP's pretraining left in torch's generator, because what
+    this scorer learns depends strongly on its start (``scripts/frozen_scorer_seeds.py``): one definition
+    for the ``pretrain_clip`` stage and that script, so a seed the script reports is the stage's scorer.
+    """
+    fp = params.pretrain_clip.frozen
+    seed = params.base.seed if seed is None else seed
+    tiny = {**params.model.clip.tiny.model_dump(), "image_size": fp.image_size}
+    seed_everything(seed)
+    model = build_clip(params.model.frozen_clip.name, None, tiny=tiny, context_length=params.model.max_tokens)
+    corpus, bank = cutout_corpus(fp, params.synthesize, seed=seed)
+    model = pretrain_clip(model, bank, corpus, params.pretrain_clip.model_copy(update={"epochs": fp.epochs}),
+                          device, seed=seed, max_tokens=params.model.max_tokens, run=run)
+    return model, tiny
