@@ -12,6 +12,9 @@ masked-object ranking on val, then train Step-1 from it once per named variant (
 evaluate stage's protocol), the object hit, and the object hit by expression kind
 (``scripts/scratch_baseline.grounding_summary``). Lines are also appended to ``--out``.
 
+``--frozen DIR`` calibrates every run with the frozen CLIP of ``DIR`` (for instance a scorer that
+``scripts/frozen_scorer_seeds.py --out-dir`` kept) instead of the CLIP folder's own.
+
 The ``scratch_*`` variants reset every CLIP weight before Step-1, so the architecture is trained from
 random weights inside Step-1's own loop: it separates "the CLIP's start" from "the Step-1 model and loss".
 ``baseline_cnn_settings`` puts the from-scratch baseline's CNN in place of the CLIP's vision tower, with
@@ -71,11 +74,11 @@ VARIANTS: dict[str, dict] = {
     "full_baseline_settings": {**BASELINE},
     # the two halves of the full method apart: the bilateral prompt with L_cls, and calibration without it
     "prompt_baseline_settings": {**BASELINE, **CLS_ONLY},
+    "cal_baseline_settings": {**BASELINE, "prompt": "none"},
     # the frozen scorer at its own input size (calibration_size auto), for --frozen scorers trained at 64 px:
     # the default's settings, and the full rate at stride 16 with the paper's lambda 5
     "default_native_scorer": {"calibration_size": "auto"},
     "full_full_lr_native_scorer_cls5": {**FULL_LR, "calibration_size": "auto", "cls_weight": 5.0},
-    "cal_baseline_settings": {**BASELINE, "prompt": "none"},
     # the baseline's CNN as Step-1's vision tower (random weights, fresh projectors)
     "baseline_cnn_settings": {**BASELINE, **CLS_ONLY, "prompt": "none", "vision": "baseline_cnn"},
     "scratch_128s8_6ep": {**FULL_LR, **CLS_ONLY, "input_size": 128, "feature_stride": 8, "epochs": 6,
