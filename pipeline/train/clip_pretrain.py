@@ -146,19 +146,18 @@ def pretrain_embedded_clip(params: Params, train: pd.DataFrame, index_bank: Imag
                          max_tokens=params.model.max_tokens, run=run)
 
 
-def pretrain_embedded_frozen_clip(params: Params, device: torch.device, run: TrainingRun | None = None,
-                                  *, seed: int | None = None) -> tuple[nn.Module, dict]:
+def pretrain_embedded_frozen_clip(params: Params, device: torch.device,
+                                  run: TrainingRun | None = None) -> tuple[nn.Module, dict]:
     """The embedded frozen CLIP of calibration and PRMS (``model.frozen_clip.pretrained: embedded``) and
     its ``tiny`` architecture: ``model.clip.tiny`` at ``pretrain_clip.frozen.image_size``, from random
-    weights seeded with ``seed`` (default ``base.seed``, which also seeds its cutout corpus), trained on
+    weights seeded with ``base.seed`` (which also seeds its cutout corpus), trained on
     ``pretrain_clip.frozen``'s cutouts with ``pretrain_clip``'s optimiser settings. It never sees a RIS image.
 
     Seeded here, not by whatever the main CLIP's pretraining left in torch's generator, because what
     this scorer learns depends strongly on its start (``scripts/frozen_scorer_seeds.py``): one definition
     for the ``pretrain_clip`` stage and that script, so a seed the script reports is the stage's scorer.
     """
-    fp = params.pretrain_clip.frozen
-    seed = params.base.seed if seed is None else seed
+    fp, seed = params.pretrain_clip.frozen, params.base.seed
     tiny = {**params.model.clip.tiny.model_dump(), "image_size": fp.image_size}
     seed_everything(seed)
     model = build_clip(params.model.frozen_clip.name, None, tiny=tiny, context_length=params.model.max_tokens)
