@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install repro test bench
+.PHONY: install repro test test-fast bench deps
 
 install:
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
@@ -12,8 +12,17 @@ repro: install
 	dvc repro
 
 test: install
-	$(PYTHON) -m ruff check pipeline stages tests bench scripts
+	$(PYTHON) -m ruff check pipeline stages tests bench scripts research
 	$(PYTHON) -m pytest -q
+
+# the inner loop: everything but the end-to-end tests marked slow
+test-fast: install
+	$(PYTHON) -m ruff check pipeline stages tests bench scripts research
+	$(PYTHON) -m pytest -q -m "not slow"
+
+# rewrite the code deps of every stage in dvc.yaml from the imports (tests/test_dvc_deps.py checks them)
+deps:
+	$(PYTHON) -m pipeline.codedeps --write
 
 bench: install
 	$(PYTHON) -m bench

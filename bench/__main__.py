@@ -1,4 +1,4 @@
-"""The benchmark suite in one command: every figure of the README's benchmark table, measured in one
+"""The benchmark suite in one command: every figure of docs/benchmarks.md's table, measured in one
 run on this machine, each beside its goal.
 
     python -m bench               # all, with a full `dvc repro` in a temporary clone (~15 min, 2 cores)

@@ -17,15 +17,6 @@ def require(*paths: Path) -> None:
             raise SystemExit(f"bench: {path} is missing; run `dvc repro` (or `make repro`) first")
 
 
-def merge(base: dict, override: dict) -> dict:
-    """``override`` merged into ``base`` key by key, nested mappings recursively (as ``dvc exp run -S``
-    and a params overlay combine); neither input is modified."""
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
-
 def best_of(repeats: int, fn: Callable[[], object]) -> float:
     """Smallest wall time of ``repeats`` calls (the least disturbed by other load)."""
     times = []

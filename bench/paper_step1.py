@@ -26,7 +26,8 @@ from pathlib import Path
 import yaml
 
 from bench import step1_throughput
-from bench.common import ROOT, merge
+from bench.common import ROOT
+from pipeline.params import overlay
 
 # What replaces the README command's data location and weight paths (they exist on a user's machine only).
 STAND_INS = {
@@ -71,7 +72,7 @@ def paper_params(weights: Path, num_images: int) -> dict:
                             "split_fractions": {"train": 0.5, "val": 0.2, "testA": 0.15, "testB": 0.15}},
              "step1": PAPER_BATCH}
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    return merge(merge(base, overrides_to_dict(pairs)), small)
+    return overlay(overlay(base, overrides_to_dict(pairs)), small)
 
 
 def write_random_weights(weights: Path) -> None:

@@ -22,7 +22,7 @@ from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.models.clip_artifact import load_frozen_clip, resolve_calibration_size
 from pipeline.models.clip_backbone import FrozenClip
 from pipeline.params import load_params
-from pipeline.pseudo_labels import load_split_responses, select_responses
+from pipeline.pseudo.labels import load_split_responses, select_responses
 from pipeline.runtime import select_device
 from pipeline.store import open_responses
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.refine.random_walk import random_walk, transition_matrix_dense
+from pipeline.pseudo.random_walk import random_walk, transition_matrix_dense
 
 
 def _inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:

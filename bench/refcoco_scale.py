@@ -248,9 +248,9 @@ def refine_objects(task: tuple[list[tuple[np.ndarray, np.ndarray]], dict, int | 
     """The stage's per-object refinement (``walk_seed: confident``): CRF-confident seeds, boundary,
     random walk from the confident foreground, threshold + component, at ``size`` squared (None: as
     given). One torch thread; returns the seconds it took."""
-    from pipeline.refine.affinity import AffinityNet
-    from pipeline.refine.crf import confident_labels
-    from pipeline.refine.pseudo_mask import refine_map, to_pseudo_mask
+    from pipeline.pseudo.affinity import AffinityNet
+    from pipeline.pseudo.crf import confident_labels
+    from pipeline.pseudo.refine import refine_map, to_pseudo_mask
 
     objects, section, size = task
     torch.set_num_threads(1)
@@ -270,7 +270,7 @@ def refine_objects(task: tuple[list[tuple[np.ndarray, np.ndarray]], dict, int | 
 def measure_refinement(objects: list, p: PseudoMaskParams) -> dict:
     """Per-object refinement seconds at the working size and at 640x480, and the 1 -> 2 process speedups
     (ranks: contiguous halves; workers: the stage's CRF pool)."""
-    from pipeline.pseudo_labels import confident_seed_labels
+    from pipeline.pseudo.labels import confident_seed_labels
 
     section = p.model_dump()
     with ProcessPoolExecutor(max_workers=1) as pool:  # one process, one thread: the unit of work
@@ -329,8 +329,8 @@ def measure_decode(root: Path, size: int, n: int = 64) -> float:
 def measure_affinity(p: PseudoMaskParams, objects: list, steps: int = 6) -> float:
     """Seconds of the whole affinity training (``epochs`` x ``max_samples / batch_size`` steps), from
     ``steps`` timed steps on this machine's CPU."""
-    from pipeline.refine.affinity import train_affinity
-    from pipeline.refine.crf import confident_labels
+    from pipeline.pseudo.affinity import train_affinity
+    from pipeline.pseudo.crf import confident_labels
 
     small = [(_stretch(im, p.size), np.clip(_stretch(m, p.size), 0, 1)) for im, m in objects]
     labels = [confident_labels(im, m, p.conf_fg, p.conf_bg, p.crf) for im, m in small]

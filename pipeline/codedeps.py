@@ -1,7 +1,8 @@
 """Which first-party source files a stage script runs, computed from the code (pure ``ast``, no imports).
 
 Two things need that answer and must agree on it: the code ``deps:`` of each stage in ``dvc.yaml`` (an
-edit to a module re-runs exactly the stages that run it; ``tests/test_dvc_deps.py`` checks the list) and
+edit to a module re-runs exactly the stages that run it; ``python -m pipeline.codedeps --write``, or
+``make deps``, rewrites them and ``tests/test_dvc_deps.py`` checks they are up to date) and
 the resume fingerprint of the training stages (``pipeline.train.common.training_code``). Parsing instead
 of importing keeps it fast and free of torch, and it sees imports that only run inside functions.
 
@@ -20,7 +21,10 @@ itself (``sys.argv[0]``), so it runs the same closure and adds nothing.
 
 from __future__ import annotations
 
+import argparse
 import ast
+import re
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -135,3 +139,65 @@ def stage_closure(script: str | Path, root: Path = ROOT) -> list[Path]:
     """The stage script first, then the rest of its :func:`closure` in path order (a stable hash order)."""
     script = Path(script).resolve()
     return [script, *(p for p in closure(script, root) if p != script)]
+
+
+_STAGE = re.compile(r"^  (?P<name>[A-Za-z0-9_-]+):\s*$")
+_CMD = re.compile(r"^    cmd: .*?(?P<script>stages/[A-Za-z0-9_]+\.py)")
+_ITEM = re.compile(r"^    - (?P<path>\S+)\s*$")
+
+
+def _is_code(path: str) -> bool:
+    return path.endswith(".py") and path.split("/")[0] in ("stages", *FIRST_PARTY)
+
+
+def with_code_deps(dvc_yaml: str, root: Path = ROOT) -> str:
+    """``dvc_yaml``'s text with each stage's code ``deps`` replaced by :func:`stage_closure` of the script
+    its ``cmd`` runs (relative paths, script first), ahead of the stage's other deps in their order.
+    Everything else, comments included, is kept line for line: only the code entries are generated."""
+    out: list[str] = []
+    script: str | None = None
+    in_deps = False
+    for line in dvc_yaml.splitlines(keepends=True):
+        if _STAGE.match(line):
+            script, in_deps = None, False
+        elif (cmd := _CMD.match(line)) is not None:
+            script = cmd["script"]
+        if in_deps:
+            item = _ITEM.match(line)
+            if item is not None:
+                if not _is_code(item["path"]):
+                    out.append(line)
+                continue
+            in_deps = False
+        out.append(line)
+        if line.rstrip() == "    deps:":
+            if script is None:
+                raise ValueError("dvc.yaml: a stage lists deps before its cmd names a stages/*.py script")
+            in_deps = True
+            out += [f"    - {p.relative_to(root).as_posix()}\n" for p in stage_closure(root / script, root)]
+    return "".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.codedeps",
+        description="Regenerate (--write) or check (--check) the code deps of every stage in dvc.yaml.")
+    parser.add_argument("dvc_yaml", nargs="?", type=Path, default=ROOT / "dvc.yaml")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--write", action="store_true", help="rewrite the file in place")
+    action.add_argument("--check", action="store_true", help="exit 1 when the file is out of date")
+    args = parser.parse_args(argv)
+    text = args.dvc_yaml.read_text()
+    generated = with_code_deps(text, args.dvc_yaml.resolve().parent)
+    if args.check:
+        if generated != text:
+            print(f"{args.dvc_yaml}: code deps are out of date; run `make deps`", file=sys.stderr)
+            return 1
+        return 0
+    if generated != text:
+        args.dvc_yaml.write_text(generated)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

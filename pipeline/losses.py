@@ -17,14 +17,13 @@ SimilarityMode = Literal["cosine", "rescaled"]
 S_EPS = 1e-6
 
 
-def image_level_scores(
-    responses: torch.Tensor, focal_power: float = 3.0, focal_eps: float = 0.01
-) -> torch.Tensor:
+def image_level_scores(responses: torch.Tensor, focal_power: float, focal_eps: float) -> torch.Tensor:
     """Eq. 6: ``y_q = max_i R_iq + mean_i R_iq + psi_q`` for ``responses (B, Q, h, w)`` -> ``(B, Q)``.
 
     ``psi`` is the focal-style regulariser of Lin et al. [32] as in the authors' code: per pixel a softmax
     over a constant background channel (value 1) and the ``Q`` response maps; ``p_q`` is the spatial mean of
-    query ``q``'s share and ``psi_q = (1 - p_q)^focal_power * log(focal_eps + p_q)``. A query that wins few
+    query ``q``'s share and ``psi_q = (1 - p_q)^focal_power * log(focal_eps + p_q)`` (``step1.focal_power``,
+``step1.focal_eps``). A query that wins few
     pixels gets a large negative ``psi``, which re-balances the one positive against many negatives.
     """
     flat = responses.flatten(2)  # (B, Q, HW)

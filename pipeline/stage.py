@@ -1,7 +1,7 @@
 """The few lines every stage entrypoint starts with: validated params, seeds, threads, device.
 
 Every stage obtains its params here, which is also where the dvc.yaml check hooks in: with
-``TRIS_PARAMS_TRACE=<dir>`` set, the stage gets a :class:`~pipeline.params.ParamsReads` view and writes
+``TRIS_PARAMS_TRACE=<dir>`` set, the stage gets a :class:`~pipeline.params_trace.ParamsReads` view and writes
 the dotted keys it read to ``<dir>/<stage>.json`` on exit (see tests/test_dvc_params.py).
 """
 
@@ -18,7 +18,8 @@ from types import TracebackType
 import torch
 
 from pipeline.distributed import DistContext, init_distributed, relaunch_under_torchrun
-from pipeline.params import Params, ParamsError, load_params, record_reads
+from pipeline.params import Params, ParamsError, load_params
+from pipeline.params_trace import record_reads
 from pipeline.runtime import DeviceError, configure_threads, seed_everything, select_device
 
 TRACE_ENV = "TRIS_PARAMS_TRACE"
@@ -91,7 +92,7 @@ def start_distributed_stage(name: str, params_path: str | Path = "params.yaml"
 
 
 class StageTimer:
-    """Prints the stage's wall time on exit (the README's per-stage figures come from these lines)."""
+    """Prints the stage's wall time on exit (docs/benchmarks.md's per-stage figures come from these lines)."""
 
     def __init__(self, name: str) -> None:
         self.name = name

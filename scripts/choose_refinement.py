@@ -1,4 +1,4 @@
-"""Choose the pseudo-mask refinement settings on val, never on train or test (issue 14, finding 6).
+"""Choose the pseudo-mask refinement settings on val, never on train or test.
 
     python scripts/choose_refinement.py                       # after `dvc repro make_pseudo_masks`
     python scripts/choose_refinement.py --conf-fg 0.6 0.7 --thresholds 0.3 0.35 0.4
@@ -13,7 +13,7 @@ this, and tabulates val pseudo-mask mIoU for every pair. ``params.yaml`` is left
 Pseudo-mask quality is a proxy: on the embedded default the threshold it prefers (0.6) gives a worse
 Step-2 on val than 0.35, because Step-2 learns the masks' extent. So take ``conf_fg`` from this table,
 and confirm the threshold through Step-2 on val with ``dvc exp run -S pseudo_masks.threshold=T``
-(README, "Settings chosen on val"; ``docs/refinement-on-val.md``).
+(``docs/experiments.md``, "Settings chosen on val"; ``docs/refinement-on-val.md``).
 
 The affinity net is the trained one in ``artifacts/affinity`` (its training labels used the current
 ``conf_fg`` / ``conf_bg``); only the seeds and the cut change per row, so the table is cheap. The
@@ -32,12 +32,12 @@ from pipeline import paths
 from pipeline.atomic import atomic_file, load_torch
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
-from pipeline.evaluation import GroundTruth, object_ious
+from pipeline.eval.scoring import GroundTruth, object_ious
 from pipeline.models.clip_artifact import load_frozen_clip, resolve_calibration_size
 from pipeline.params import load_params
-from pipeline.pseudo_labels import confident_seed_labels, load_split_responses, refined_maps, select_responses
-from pipeline.refine.affinity import AffinityNet
-from pipeline.refine.pseudo_mask import to_pseudo_mask
+from pipeline.pseudo.affinity import AffinityNet
+from pipeline.pseudo.labels import confident_seed_labels, load_split_responses, refined_maps, select_responses
+from pipeline.pseudo.refine import to_pseudo_mask
 from pipeline.runtime import select_device
 from pipeline.store import open_responses
 

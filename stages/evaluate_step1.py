@@ -8,11 +8,11 @@ from pipeline import paths
 from pipeline.atomic import write_json
 from pipeline.data.index import load_index
 from pipeline.data.splits import require_eval_splits
-from pipeline.evaluation import GroundTruth, evaluate_responses
-from pipeline.inspect import render_sentence
+from pipeline.eval.inspect import render_sentence
+from pipeline.eval.scoring import GroundTruth, evaluate_responses
+from pipeline.eval.viz import select_sections, write_gallery
 from pipeline.stage import StageTimer, start_stage
 from pipeline.store import open_responses
-from pipeline.viz import select_sections, write_gallery
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from pipeline.atomic import write_json
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.data.splits import require_eval_splits
-from pipeline.evaluation import GroundTruth, iter_segmenter_probs, score_maps
+from pipeline.eval.scoring import GroundTruth, iter_segmenter_probs, score_maps
 from pipeline.models.checkpoints import load_segmenter
 from pipeline.stage import StageTimer, start_stage
 

@@ -3,22 +3,21 @@ train object in ``artifacts/pseudo_masks.zarr``, the affinity network in ``artif
 diagnostic report (pseudo-masks vs GT; nothing trains on GT) in ``artifacts/reports/pseudo_masks.json``.
 
 With ``base.nproc > 1`` the stage runs under torchrun: each rank builds the pseudo-masks of its own
-store shards and writes them (no shard has two writers); see :mod:`pipeline.pseudo_labels`.
+store shards and writes them (no shard has two writers); see :mod:`pipeline.pseudo.labels`.
 """
 
 
 import numpy as np
-import pandas as pd
 import torch
 
 from pipeline import paths
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
-from pipeline.evaluation import GroundTruth, object_ious, quality
+from pipeline.eval.scoring import GroundTruth
 from pipeline.models.clip_artifact import load_frozen_clip, resolve_calibration_size
-from pipeline.pseudo_labels import load_split_responses, make_pseudo_masks, select_responses
-from pipeline.refine.pseudo_mask import to_pseudo_mask
+from pipeline.pseudo.labels import load_split_responses, make_pseudo_masks, select_responses
+from pipeline.pseudo.report import local_quality, pseudo_mask_report
 from pipeline.stage import StageTimer, start_distributed_stage
 from pipeline.store import PSEUDO_MASK_SCHEMA, RecordWriter, open_responses
 
@@ -58,30 +57,13 @@ def main() -> None:
             writer.write_table("train", a, np.stack([masks[int(r)] for r in part["ref_id"]]), part)
 
     # diagnostic report: per-object IoUs from every rank, in store order
-    gt = GroundTruth(index.refs)
-    raw = {r: to_pseudo_mask(sel.fg_maps[r], p.threshold, p.keep) for r in sel.fg_maps}
-    first = {r: to_pseudo_mask(sel.first_maps[r], p.threshold, p.keep) for r in sel.first_maps}
-    local = {"rows": rows, "first": object_ious(first, objects, gt), "raw": object_ious(raw, objects, gt),
-             "refined": object_ious(masks, objects, gt), "objects": objects[["num_expressions", "changed"]]}
+    local = local_quality(sel, masks, rows, p, GroundTruth(index.refs))
     parts = [local]
     if dist.enabled:
         parts = [None] * dist.world_size
         torch.distributed.all_gather_object(parts, local)
     if dist.is_main:
-        order = np.argsort(np.concatenate([q["rows"] for q in parts]), kind="stable")
-        cat = lambda key: np.concatenate([q[key] for q in parts])[order]  # noqa: E731
-        info = pd.concat([q["objects"] for q in parts], ignore_index=True).iloc[order]
-        multi = info["num_expressions"] > 1
-        report = {
-            "n_objects": len(ref_order),
-            "raw_first_expression": quality(cat("first")),
-            "raw_selected": quality(cat("raw")),
-            "refined": quality(cat("refined")),
-            "prms": {"enabled": p.prms, "objects_with_several_expressions": int(multi.sum()),
-                     "picked_other_than_first": int(info["changed"].sum()),
-                     "mean_expressions_per_object": round(float(info["num_expressions"].mean()), 3)},
-            "refine": p.refine,
-        }
+        report = pseudo_mask_report(parts, len(ref_order), p)
         print(f"[make_pseudo_masks] {report}")
         write_json(paths.REPORTS / "pseudo_masks.json", report)
     dist.close()

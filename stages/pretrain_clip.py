@@ -20,7 +20,7 @@ from pipeline.atomic import atomic_dir, write_json
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.data.splits import require_eval_splits
-from pipeline.diagnostics import expression_retrieval, masked_object_ranking
+from pipeline.eval.clip_checks import expression_retrieval, masked_object_ranking
 from pipeline.models.clip_artifact import (
     FROZEN_SPEC_FILE,
     FROZEN_WEIGHTS_FILE,
@@ -31,6 +31,7 @@ from pipeline.models.clip_artifact import (
     load_frozen_clip,
     write_clip_spec,
 )
+from pipeline.models.clip_backbone import CLIP_CONTEXT_LENGTH
 from pipeline.params import Params
 from pipeline.stage import StageTimer, start_stage
 from pipeline.train.clip_pretrain import pretrain_embedded_clip, pretrain_embedded_frozen_clip
@@ -60,7 +61,7 @@ def main() -> None:
             run.finish(lambda: torch.save(model.state_dict(), out / WEIGHTS_FILE))
             spec = clip_spec(clip_p.name, WEIGHTS_FILE, clip_p.tiny.model_dump(), params.model.max_tokens)
         else:
-            spec = clip_spec(clip_p.name, clip_p.pretrained, None, 77)
+            spec = clip_spec(clip_p.name, clip_p.pretrained, None, CLIP_CONTEXT_LENGTH)
         write_clip_spec(out, spec)
         frozen_p = params.model.frozen_clip
         if frozen_p.pretrained == "embedded":

@@ -11,14 +11,14 @@ from pipeline import paths
 from pipeline.atomic import atomic_file, write_json
 from pipeline.data.images import read_image_rgb
 from pipeline.data.index import decode_mask, load_index
-from pipeline.evaluation import response_to_prob
-from pipeline.metrics import iou, point_from_map
+from pipeline.eval.metrics import iou, point_from_map
+from pipeline.eval.report import combine_metrics, summary_markdown
+from pipeline.eval.scoring import response_to_prob
+from pipeline.eval.viz import render_case, write_gallery
 from pipeline.models.checkpoints import load_segmenter
 from pipeline.predict import predict_mask
-from pipeline.report import combine_metrics, summary_markdown
 from pipeline.stage import start_stage
 from pipeline.store import open_pseudo_masks, open_responses
-from pipeline.viz import render_case, write_gallery
 
 GALLERY_SAMPLE = 60
 

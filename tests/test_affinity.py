@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.params import load_params
-from pipeline.refine.affinity import (
+from pipeline.pseudo.affinity import (
     AffinityNet,
     affinity_loss,
     grid_size,

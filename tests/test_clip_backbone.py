@@ -5,20 +5,12 @@ from __future__ import annotations
 import open_clip
 import pytest
 import torch
+from tiny_pipeline import TINY_CLIP
 
 from pipeline.models.clip_backbone import ClipBackbone, FrozenClip, build_clip, tiny_clip_config, tokenize
 
 EOT_ID = 49407  # CLIP BPE end-of-text id, the largest id of the vocabulary
-TINY_RN = dict(
-    embed_dim=32,
-    image_size=96,
-    vision_layers=[1, 1, 1, 1],
-    vision_width=8,
-    text_width=32,
-    text_heads=2,
-    text_layers=1,
-    context_length=77,
-)
+TINY_RN = {**TINY_CLIP, "image_size": 96, "context_length": 77}
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from pipeline.params import CrfParams
-from pipeline.refine.crf import confident_labels, crf_refine
+from pipeline.pseudo.crf import confident_labels, crf_refine
 
 # the kernels these scenes were tuned with (params.yaml runs fewer iterations on the real maps)
 CRF = CrfParams(iterations=10, gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=30.0, bilateral_srgb=13.0,

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from pipeline import paths
-from pipeline.codedeps import ROOT, closure
+from pipeline.codedeps import ROOT, closure, with_code_deps
 
 DVC_YAML = ROOT / "dvc.yaml"
 
@@ -148,6 +148,22 @@ def stale_deps(stages: dict[str, dict]) -> list[str]:
     return problems
 
 
+def test_code_deps_are_generated():
+    """dvc.yaml's code deps are exactly what ``make deps`` writes: nobody edits them by hand."""
+    text = DVC_YAML.read_text()
+    assert with_code_deps(text) == text, "dvc.yaml's code deps are out of date: run `make deps`"
+
+
+def test_the_generator_restores_a_dropped_module_and_keeps_the_rest():
+    text = DVC_YAML.read_text()
+    broken = text.replace("    - pipeline/losses.py\n", "", 1)
+    assert broken != text
+    assert with_code_deps(broken) == text
+    # an artifact dep and the comments are not the generator's: they stay as written
+    assert "    - artifacts/index\n" in with_code_deps(text)
+    assert with_code_deps(text).splitlines()[0].startswith("#")
+
+
 def test_every_stage_lists_the_modules_it_runs():
     assert missing_code_deps(load_stages()) == []
 
@@ -187,11 +203,11 @@ def test_a_missing_module_is_named(stages, tmp_path):
 
 
 def test_a_folder_dep_covers_its_modules(stages):
-    broken = _without(stages, "make_pseudo_masks", "pipeline/refine/crf.py")
+    broken = _without(stages, "make_pseudo_masks", "pipeline/pseudo/crf.py")
     assert missing_code_deps(broken) == [
-        "make_pseudo_masks: runs pipeline/refine/crf.py but dvc.yaml does not list it in deps"
+        "make_pseudo_masks: runs pipeline/pseudo/crf.py but dvc.yaml does not list it in deps"
     ]
-    broken["make_pseudo_masks"]["deps"].append("pipeline/refine")
+    broken["make_pseudo_masks"]["deps"].append("pipeline/pseudo")
     assert missing_code_deps(broken) == []
 
 

@@ -3,8 +3,8 @@ re-runs the stages whose results depend on the key, and only those.
 
 Which keys a stage reads is *observed*, not guessed from its source: with ``TRIS_PARAMS_TRACE`` set,
 :func:`pipeline.stage.start_stage` hands the stage a recording view of its params
-(:class:`pipeline.params.ParamsReads`) and writes the dotted keys read, however deep in the library, to a
-file per stage. The slow test runs every stage on the tiny config that way and compares with dvc.yaml.
+(:class:`pipeline.params_trace.ParamsReads`) and writes the dotted keys read, however deep in the library,
+to a file per stage. The slow test runs every stage on the tiny config that way and compares with dvc.yaml.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ EXECUTION_ONLY = {"base.device", "base.threads", "base.num_workers"}
 # embedded CLIP); dvc.yaml must still list them, so that a run on that branch re-runs the stage.
 BRANCH_ONLY = {
     "index": {"data.refer"},  # read when data.source = refer
-    # read when model.frozen_clip.pretrained = embedded (the cutout corpus of the separate frozen CLIP)
-    "pretrain_clip": {"pretrain_clip.frozen", "synthesize.objects_per_image"},
+    # the generated corpora, declared whole: read when pretrain_clip.caption_images > 0 (captioned
+    # pictures beside the RIS pairs) or model.frozen_clip.pretrained = embedded (the frozen CLIP's cutouts)
+    "pretrain_clip": {"pretrain_clip.frozen", "pretrain_clip.caption_objects", "synthesize.objects_per_image",
+                      "synthesize.image_side", "synthesize.object_scale", "synthesize.expressions_per_object",
+                      "synthesize.distractor_rate", "synthesize.family_weights"},
 }
 
 

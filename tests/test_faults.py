@@ -18,9 +18,8 @@ from tiny_pipeline import ROOT, write_params
 from pipeline.store import open_responses
 
 KILLED_WRITER = textwrap.dedent("""
-    import sys, time
+    import time
     import numpy as np
-    sys.path.insert(0, {root!r})
     from pipeline.store import RESPONSE_SCHEMA, RecordWriter
     with RecordWriter({target!r}, RESPONSE_SCHEMA, (4, 4), shard_size=2, attrs={{"input_size": [8, 8]}}) as w:
         w.add_split("train", 40)
@@ -34,8 +33,8 @@ KILLED_WRITER = textwrap.dedent("""
 
 
 def _run_writer(target: Path, value: float, pause: float) -> subprocess.Popen:
-    code = KILLED_WRITER.format(root=str(ROOT), target=str(target), value=value, pause=pause)
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    code = KILLED_WRITER.format(target=str(target), value=value, pause=pause)
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
 
 
 def test_a_killed_zarr_writer_leaves_the_previous_store_untouched(tmp_path):
@@ -61,8 +60,7 @@ def test_a_killed_zarr_writer_leaves_the_previous_store_untouched(tmp_path):
 
 def test_a_killed_parquet_index_writer_leaves_no_table(tmp_path):
     code = textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(ROOT)!r})
+        import time
         import pyarrow as pa, pyarrow.parquet as pq
         from pipeline.atomic import atomic_dir
         with atomic_dir({str(tmp_path / 'index')!r}) as tmp:
@@ -70,7 +68,7 @@ def test_a_killed_parquet_index_writer_leaves_no_table(tmp_path):
             print("written", flush=True)
             time.sleep(60)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "written"
     proc.kill()
     proc.wait(10)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import yaml
-from tiny_pipeline import ROOT
+from tiny_pipeline import ROOT, TINY_CLIP
 
 from pipeline.models.clip_artifact import (
     FROZEN_SPEC_FILE,
@@ -21,17 +21,14 @@ from pipeline.models.clip_artifact import (
 from pipeline.models.clip_backbone import build_clip
 from pipeline.params import ParamsError, parse_params
 
-TINY = {"embed_dim": 32, "image_size": 64, "vision_layers": [1, 1, 1, 1], "vision_width": 8,
-        "text_width": 32, "text_heads": 2, "text_layers": 1}
-
 
 @pytest.fixture
 def embedded_clip_dir(tmp_path):
     """artifacts/clip as pretrain_clip writes it for the embedded CLIP (weights + clip.json)."""
     torch.manual_seed(0)
-    clip = build_clip("tiny-rn", None, tiny=TINY, context_length=20)
+    clip = build_clip("tiny-rn", None, tiny=TINY_CLIP, context_length=20)
     torch.save(clip.state_dict(), tmp_path / WEIGHTS_FILE)
-    spec = clip_spec("tiny-rn", WEIGHTS_FILE, TINY, 20)
+    spec = clip_spec("tiny-rn", WEIGHTS_FILE, TINY_CLIP, 20)
     write_clip_spec(tmp_path, spec)
     return tmp_path, spec
 
@@ -51,7 +48,7 @@ def test_same_freezes_a_copy_of_the_trained_clip(embedded_clip_dir):
 def test_separate_frozen_clip_from_its_own_file(embedded_clip_dir, tmp_path_factory):
     clip_dir, spec = embedded_clip_dir
     other = tmp_path_factory.mktemp("weights") / "vit.pt"
-    vit_tiny = {**TINY, "vision_layers": 2}
+    vit_tiny = {**TINY_CLIP, "vision_layers": 2}
     torch.save(build_clip("tiny-vit", None, tiny=vit_tiny, context_length=20).state_dict(), other)
     write_clip_spec(clip_dir, {**frozen_clip_spec("tiny-vit", str(other), spec), "tiny": vit_tiny},
                     FROZEN_SPEC_FILE)
@@ -163,16 +160,18 @@ def test_pretrain_clip_trains_the_embedded_frozen_clip_that_step1_calibrates_wit
 
 
 def _tiny_frozen_params(seed: int):
-    from tiny_pipeline import TINY, merge
+    from tiny_pipeline import TINY
 
-    raw = merge(merge(_params(), TINY), {"base": {"seed": seed}, "model": {"frozen_clip": {
+    from pipeline.params import overlay
+
+    raw = overlay(overlay(_params(), TINY), {"base": {"seed": seed}, "model": {"frozen_clip": {
         "name": "tiny-rn", "pretrained": "embedded"}}, "pretrain_clip": {"frozen": {"pictures": 4}}})
     return parse_params(raw)
 
 
 def test_embedded_frozen_clip_is_seeded_by_its_own_seed_not_by_what_ran_before():
     """The stage trains the frozen scorer after the main CLIP; its start (which decides whether it
-    learns position words) must depend on base.seed alone, so that scripts/frozen_scorer_seeds.py's
+    learns position words) must depend on base.seed alone, so that research/frozen_scorer_seeds.py's
     seed N is the scorer the stage builds with base.seed N."""
     from pipeline.train.clip_pretrain import pretrain_embedded_frozen_clip
 
@@ -188,7 +187,7 @@ def test_embedded_frozen_clip_is_seeded_by_its_own_seed_not_by_what_ran_before()
 
 
 def test_seed_summary_gives_each_family_its_seeds_mean_and_spread():
-    from scripts.frozen_scorer_seeds import seed_summary
+    from research.frozen_scorer_seeds import seed_summary
 
     rows = [{"seed": s, "family": f, "rate": r} for s, f, r in [
         (0, "position", 0.8), (1, "position", 0.4), (0, "all", 0.8), (1, "all", 0.6),

@@ -38,8 +38,9 @@ def test_image_level_score_hand_case():
 
 def test_image_level_score_softmax_couples_queries():
     """psi uses a softmax across the queries: adding a strong competitor lowers a query's share and score."""
-    alone = image_level_scores(torch.tensor([[[[1.0, 1.0]]]]))
-    together = image_level_scores(torch.tensor([[[[1.0, 1.0]], [[5.0, 5.0]]]]))
+    focal = {"focal_power": 3.0, "focal_eps": 0.01}
+    alone = image_level_scores(torch.tensor([[[[1.0, 1.0]]]]), **focal)
+    together = image_level_scores(torch.tensor([[[[1.0, 1.0]], [[5.0, 5.0]]]]), **focal)
     assert together.shape == (1, 2)
     assert together[0, 0] < alone[0, 0]
 
@@ -85,19 +86,10 @@ def test_calibration_loss_hand_case():
     assert cosine.item() == pytest.approx(-math.log(s), rel=1e-5)
 
 
-def test_calibration_gradient_reaches_response_not_frozen_clip():
+def test_calibration_gradient_reaches_response_not_frozen_clip(tiny_clip):
     """Eq. 9 end to end: response -> mask_images -> frozen CLIP -> Eq. 8; only the response gets gradient."""
     torch.manual_seed(0)
-    tiny = dict(
-        embed_dim=16,
-        image_size=64,
-        vision_layers=[1, 1, 1, 1],
-        vision_width=8,
-        text_width=32,
-        text_heads=2,
-        text_layers=1,
-    )
-    frozen = FrozenClip(build_clip("tiny-rn", None, tiny=tiny))
+    frozen = FrozenClip(build_clip("tiny-rn", None, tiny={**tiny_clip, "embed_dim": 16}))
     images01 = torch.rand(2, 3, 80, 80)
     response = torch.randn(2, 3, 3, requires_grad=True)
     masked = frozen.encode_image(mask_images(images01, response, frozen.image_size))

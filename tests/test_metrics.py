@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.metrics import (
+from pipeline.eval.metrics import (
     SentenceScore,
     aggregate,
     box_accuracy_hit,

@@ -12,9 +12,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tiny_pipeline import merge, run_stage, stage_names, write_params
+from tiny_pipeline import run_stage, stage_names, write_params
 
 from bench.paper_step1 import overrides_to_dict, readme_overrides
+from pipeline.params import overlay
 
 # `dvc exp run -S ...` of README "Real data and real CLIP weights", in order.
 REAL_DATA_OVERRIDES = (
@@ -79,7 +80,7 @@ def test_overrides_under_test_validate(tmp_path):
     """The slow test's params parse (cheap guard against a stand-in that is not a valid value)."""
     from pipeline.params import load_params
 
-    write_params(tmp_path, merge(SMALL, overrides_to_dict(overrides_under_test(tmp_path))))
+    write_params(tmp_path, overlay(SMALL, overrides_to_dict(overrides_under_test(tmp_path))))
     params = load_params(tmp_path / "params.yaml")
     assert params.model.clip.name == "RN50" and params.model.frozen_clip.name == "ViT-B-32"
     assert params.step1.calibration_size == "auto" and params.step1.epochs == 1
@@ -111,7 +112,7 @@ def test_paper_architecture_end_to_end(tmp_path):
     try:
         _write_checkpoints(weights)
         work = tmp_path / "run"
-        write_params(work, merge(SMALL, overrides_to_dict(overrides_under_test(weights))))
+        write_params(work, overlay(SMALL, overrides_to_dict(overrides_under_test(weights))))
         for name in stage_names():
             run_stage(work, name, timeout=900)
         # calibration_size=auto follows the separate frozen CLIP: ViT-B-32's 224 px, not RN50's

@@ -6,7 +6,8 @@ import torch
 import yaml
 from pydantic import BaseModel
 
-from pipeline.params import Params, ParamsError, load_params, parse_params, record_reads
+from pipeline.params import Params, ParamsError, load_params, parse_params
+from pipeline.params_trace import record_reads
 
 RAW = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
 

@@ -45,8 +45,8 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
     assert len(values) == 4 and all(0.0 <= v <= 1.0 for v in values) and table.count("**") == 2
 
     # how often Eq. 8's positive term is clamped dead (issue 14, finding 2), at init and trained
-    script = str(ROOT / "scripts" / "calibration_gradient.py")
-    done = subprocess.run([sys.executable, script, "--images", "16"], cwd=tmp_path / "a", env=env,
+    script = ["-m", "research.calibration_gradient"]
+    done = subprocess.run([sys.executable, *script, "--images", "16"], cwd=tmp_path / "a", env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split("|")[2:-1] for line in done.stdout.splitlines()
@@ -55,15 +55,15 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
     assert all(0.0 <= float(rows[r][3]) <= 1.0 for r in (0, 1))
 
     # the masked-object ranking by expression family reproduces pretrain_clip's overall figure
-    script = str(ROOT / "scripts" / "ranking_by_family.py")
-    done = subprocess.run([sys.executable, script], cwd=tmp_path / "a", env=env, capture_output=True,
+    script = ["-m", "research.ranking_by_family"]
+    done = subprocess.run([sys.executable, *script], cwd=tmp_path / "a", env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     overall = next(line for line in done.stdout.splitlines() if line.startswith("| all |"))
     diagnostic = json.loads((reports / "clip_diagnostic.json").read_text())
     assert float(overall.split("|")[2]) == pytest.approx(diagnostic["rate"], abs=5e-4)
     # ... and, split by the attributes named, beside Step-1's object-level grounding of the dumped maps
-    done = subprocess.run([sys.executable, script, "--by", "kind", "--step1"], cwd=tmp_path / "a", env=env,
+    done = subprocess.run([sys.executable, *script, "--by", "kind", "--step1"], cwd=tmp_path / "a", env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")][1:]
@@ -72,16 +72,16 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
     assert sum(r[4] for k, r in by_kind.items() if k != "all") == by_kind["all"][4]
 
     # one-word minimal pairs under the frozen CLIP and the trained localiser's sentence feature
-    script = str(ROOT / "scripts" / "text_separation.py")
-    done = subprocess.run([sys.executable, script, "--split", "train", "--step1"], cwd=tmp_path / "a",
+    script = ["-m", "research.text_separation"]
+    done = subprocess.run([sys.executable, *script, "--split", "train", "--step1"], cwd=tmp_path / "a",
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[2:]}
     assert "random" in rows and all(len(r) == 3 and -1.0 <= float(r[1]) <= 1.0 for r in rows.values())
 
     # issue 14's from-scratch baseline trains on the split and reports val grounding by kind
-    script = str(ROOT / "scripts" / "scratch_baseline.py")
-    done = subprocess.run([sys.executable, script, "--max-steps", "2", "--batch-size", "4", "--size", "64",
+    script = ["-m", "research.scratch_baseline"]
+    done = subprocess.run([sys.executable, *script, "--max-steps", "2", "--batch-size", "4", "--size", "64",
                            "--width", "8", "--eval-every", "1000"], cwd=tmp_path / "a", env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -91,9 +91,9 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
 
     # Step-1 from a tiny CLIP of another width (pretrained again), from it reset, with the baseline's CNN;
     # pretrained again at the stage's own width (8), the sweep's CLIP is the stage's, weight for weight
-    script = str(ROOT / "scripts" / "step1_sweep.py")
+    script = ["-m", "research.step1_sweep"]
     sweep_out = tmp_path / "sweep.jsonl"
-    done = subprocess.run([sys.executable, script, "16:1111:cls_full_lr:scratch_128s8_6ep",
+    done = subprocess.run([sys.executable, *script, "16:1111:cls_full_lr:scratch_128s8_6ep",
                            "8:1111:cls_full_lr", "clip:cls_baseline_settings:baseline_cnn_settings",
                            "--epochs", "1", "--work", str(tmp_path / "sweep"), "--out", str(sweep_out)],
                           cwd=tmp_path / "a", env=env, capture_output=True, text=True, timeout=600)
@@ -115,7 +115,7 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
     assert all(0.0 <= r["PointM"] <= 1.0 and 0.0 <= r["object_hit"] <= 1.0 and r["hit_by_kind"] for r in runs)
     # the embedded frozen scorer over seeds (seed 0 is the one the stage would build), and Step-1
     # calibrated with one of them through the sweep's --frozen
-    seeds = subprocess.run([sys.executable, str(ROOT / "scripts" / "frozen_scorer_seeds.py"), "--seeds", "0",
+    seeds = subprocess.run([sys.executable, "-m", "research.frozen_scorer_seeds", "--seeds", "0",
                             "1", "--kinds", "scene", "--pictures", "4", "--epochs", "1", "--out-dir",
                             str(tmp_path / "scorers")], cwd=tmp_path / "a", env=env, capture_output=True,
                            text=True, timeout=600)
@@ -125,14 +125,14 @@ def test_tiny_pipeline_runs_end_to_end_and_is_deterministic(tmp_path):
     assert set(table) <= {"attribute", "position", "relation", "all"} and "all" in table
     assert all(len(v) == 4 and 0.0 <= min(v[:3]) <= max(v[:3]) <= 1.0 for v in table.values())
     assert table["all"][2] == pytest.approx((table["all"][0] + table["all"][1]) / 2, abs=1e-3)  # printed .3f
-    done = subprocess.run([sys.executable, script, "clip:default_native_scorer", "--epochs", "1", "--frozen",
+    done = subprocess.run([sys.executable, *script, "clip:default_native_scorer", "--epochs", "1", "--frozen",
                            str(tmp_path / "scorers" / "seed0"), "--out", str(sweep_out)], cwd=tmp_path / "a",
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(sweep_out.read_text().splitlines()[-1])
     assert record["variant"] == "default_native_scorer" and record["frozen"].endswith("seed0")
     assert 0.0 <= record["PointM"] <= 1.0
-    done = subprocess.run([sys.executable, script, "16:1111:no_such_variant"], cwd=tmp_path / "a", env=env,
+    done = subprocess.run([sys.executable, *script, "16:1111:no_such_variant"], cwd=tmp_path / "a", env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "unknown variant(s) ['no_such_variant']" in done.stderr
 

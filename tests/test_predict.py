@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_pipeline import TINY_CLIP
 from torch import nn
 
 from pipeline.maps import clip_normalize
@@ -18,8 +19,7 @@ from pipeline.predict import main, overlay_mask, predict_mask
 
 META = {
     "clip_name": "tiny-rn",
-    "clip_tiny": dict(embed_dim=32, image_size=64, vision_layers=[1, 1, 1, 1], vision_width=8,
-                      text_width=32, text_heads=2, text_layers=1),
+    "clip_tiny": TINY_CLIP,
     "max_tokens": 12,
     "input_size": 64,
     "fusion_dim": 16,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.maps import CLIP_MEAN, CLIP_STD, mask_images
-from pipeline.prms import (
+from pipeline.pseudo.prms import (
     PrmsItem,
     choose_without_prms,
     cumulative_scores,

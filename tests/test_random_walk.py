@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline.refine.pseudo_mask import refine_map, to_pseudo_mask
-from pipeline.refine.random_walk import random_walk, random_walk_dense, transition_matrix_dense
+from pipeline.pseudo.random_walk import random_walk, random_walk_dense, transition_matrix_dense
+from pipeline.pseudo.refine import refine_map, to_pseudo_mask
 
 
 def random_case(dtype=torch.float64):

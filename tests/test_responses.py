@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from tiny_pipeline import TINY_CLIP
 
 from pipeline.data.samples import ImageBank
 from pipeline.maps import clip_normalize
@@ -11,9 +12,6 @@ from pipeline.models.clip_backbone import ClipBackbone, build_clip, tokenize
 from pipeline.models.step1 import TRISLocaliser
 from pipeline.responses import iter_responses
 from pipeline.store import RESPONSE_SCHEMA, RecordWriter, open_responses
-
-TINY = {"embed_dim": 32, "image_size": 64, "vision_layers": [1, 1, 1, 1], "vision_width": 8,
-        "text_width": 32, "text_heads": 2, "text_layers": 1}
 
 
 def test_stored_map_equals_model_output(tmp_path):
@@ -29,7 +27,8 @@ def test_stored_map_equals_model_output(tmp_path):
         "text": ["the red circle", "big disc", "left square", "the star", "a green thing on the right"],
         "height": [51, 51, 51, 52, 53], "width": [70] * 5,
     })
-    model = TRISLocaliser(ClipBackbone(build_clip("tiny-rn", None, tiny=TINY, context_length=20)), 32).eval()
+    clip = build_clip("tiny-rn", None, tiny=TINY_CLIP, context_length=20)
+    model = TRISLocaliser(ClipBackbone(clip), 32).eval()
     bank = ImageBank(paths, 96)
     store_path = tmp_path / "responses.zarr"
     attrs = {"input_size": [96, 96]}

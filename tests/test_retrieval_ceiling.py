@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from pipeline.data.synthetic.scene import SceneObject
-from scripts.retrieval_ceiling import oracle_retrieval
+from research.retrieval_ceiling import oracle_retrieval
 
 
 def test_an_expression_true_of_two_images_halves_the_oracle_ceiling():
@@ -24,7 +24,7 @@ def test_an_expression_true_of_two_images_halves_the_oracle_ceiling():
 
 
 def test_ranking_by_family_splits_the_masked_object_hits_by_what_the_expression_names():
-    from scripts.ranking_by_family import expression_family, ranking_by_family
+    from research.ranking_by_family import expression_family, ranking_by_family
 
     assert [expression_family(t) for t in ("the red square", "the leftmost square", "one left of the star")] \
         == ["attribute", "position", "relation"]
@@ -51,7 +51,7 @@ def test_object_hit_asks_which_object_the_map_covers_and_the_peak_where_it_point
     rival fails both. Images with one referred object are left out (nothing to choose among)."""
     import numpy as np
 
-    from pipeline.grounding import response_object_hits
+    from research.grounding import response_object_hits
 
     left, right = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
     left[2:6, 0:3] = True
@@ -78,7 +78,7 @@ def test_object_hit_asks_which_object_the_map_covers_and_the_peak_where_it_point
 
 
 def test_expression_kind_splits_attribute_expressions_by_the_attributes_they_name():
-    from scripts.ranking_by_family import expression_kind, rates_by
+    from research.ranking_by_family import expression_kind, rates_by
 
     kinds = [expression_kind(t) for t in ("the square", "the red one", "the small red square",
                                            "the leftmost square", "one left of the star")]

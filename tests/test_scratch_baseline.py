@@ -1,11 +1,11 @@
-"""scripts/scratch_baseline.py: issue 14's from-scratch baseline (Eq. 6-7 alone, no pretrained CLIP)."""
+"""research/scratch_baseline.py: issue 14's from-scratch baseline (Eq. 6-7 alone, no pretrained CLIP)."""
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from scripts.scratch_baseline import ScratchLocaliser, batches
+from research.scratch_baseline import ScratchLocaliser, batches
 
 
 def test_batches_hold_one_expression_each_of_distinct_images():

@@ -6,18 +6,17 @@ import math
 
 import pytest
 import torch
+from tiny_pipeline import TINY_CLIP
 
 from pipeline.models.clip_backbone import ClipBackbone, build_clip, tokenize
 from pipeline.models.segmenter import PixelWordAttention, ReferringSegmenter, segmentation_loss
 
-TINY_RN = dict(embed_dim=32, image_size=64, vision_layers=[1, 1, 1, 1], vision_width=8,
-               text_width=32, text_heads=2, text_layers=1)
 MAX_TOKENS = 12
 
 
 def _segmenter(name: str = "tiny-rn", tiny: dict | None = None) -> ReferringSegmenter:
     torch.manual_seed(0)
-    clip = build_clip(name, None, tiny=tiny or TINY_RN, context_length=20)
+    clip = build_clip(name, None, tiny=tiny or TINY_CLIP, context_length=20)
     return ReferringSegmenter(ClipBackbone(clip), fusion_dim=16, decoder_dim=8)
 
 

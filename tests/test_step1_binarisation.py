@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipeline.evaluation import AUTHORS_KEY, GroundTruth, authors_binary, evaluate_responses
+from pipeline.eval.report import summary_markdown
+from pipeline.eval.scoring import AUTHORS_KEY, GroundTruth, authors_binary, evaluate_responses
 from pipeline.params import EvaluateParams
-from pipeline.report import summary_markdown
 from pipeline.store import RESPONSE_SCHEMA, RecordWriter, open_responses
 
 

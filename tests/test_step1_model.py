@@ -6,20 +6,12 @@ import math
 
 import pytest
 import torch
+from tiny_pipeline import TINY_CLIP
 
 from pipeline.models.clip_backbone import ClipBackbone, build_clip, tokenize
 from pipeline.models.step1 import BilateralPrompt, TRISLocaliser
 
-TINY_RN = dict(
-    embed_dim=32,
-    image_size=64,
-    vision_layers=[1, 1, 1, 1],
-    vision_width=8,
-    text_width=32,
-    text_heads=2,
-    text_layers=1,
-    context_length=77,
-)
+TINY_RN = {**TINY_CLIP, "context_length": 77}
 
 
 def _localiser(prompt: str = "bilateral", alpha: float = 0.1, beta: float = 0.1) -> TRISLocaliser:

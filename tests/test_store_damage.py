@@ -110,8 +110,6 @@ def test_damaged_key_column_is_named(pristine, tmp_path, damage):
 
 
 DAMAGED_STAGE = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, {root!r})
     from pipeline.stage import start_stage
     from pipeline.store import open_responses
     start_stage("evaluate_step1", {params!r})
@@ -122,8 +120,8 @@ DAMAGED_STAGE = textwrap.dedent("""
 def test_a_stage_reading_a_deleted_shard_exits_1_with_one_line(tmp_path):
     path = _build(tmp_path / "responses.zarr", "responses.zarr")
     _damage(path, "deleted shard", "val/response/c/1/0/0")
-    code = DAMAGED_STAGE.format(root=str(ROOT), params=str(ROOT / "params.yaml"), store=str(path))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    code = DAMAGED_STAGE.format(params=str(ROOT / "params.yaml"), store=str(path))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"evaluate_step1: responses store {path} is damaged: group 'val', shard response/c/1/0/0 is missing; "

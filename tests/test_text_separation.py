@@ -1,8 +1,8 @@
-"""scripts/text_separation.py: one-word minimal pairs by attribute family, and their mean cosine."""
+"""research/text_separation.py: one-word minimal pairs by attribute family, and their mean cosine."""
 
 import torch
 
-from scripts.text_separation import minimal_pairs, separation
+from research.text_separation import minimal_pairs, separation
 
 TEXTS = ["the red circle", "the blue circle", "the red square", "the red disc", "the big star",
          "the small star", "the little star", "the leftmost hexagon", "the rightmost hexagon",

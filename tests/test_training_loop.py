@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from tiny_pipeline import TINY_CLIP
 from torch import nn
 
 from pipeline.data.samples import ImageBank
@@ -19,7 +20,7 @@ from pipeline.models.clip_backbone import ClipBackbone, FrozenClip, build_clip
 from pipeline.models.segmenter import ReferringSegmenter
 from pipeline.models.step1 import TRISLocaliser
 from pipeline.params import load_params
-from pipeline.refine.affinity import train_affinity
+from pipeline.pseudo.affinity import train_affinity
 from pipeline.train.clip_pretrain import pretrain_clip
 from pipeline.train.common import NonFiniteLossError
 from pipeline.train.loop import Epoch, StepOut, Training, TrainingRun, fit
@@ -28,8 +29,6 @@ from pipeline.train.step2 import train_step2
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = load_params(ROOT / "params.yaml")
-TINY_RN = dict(embed_dim=32, image_size=64, vision_layers=[1, 1, 1, 1], vision_width=8, text_width=32,
-               text_heads=2, text_layers=1)
 MAX_TOKENS = 12
 SIDE = 64
 
@@ -164,7 +163,7 @@ def test_clip_pretraining_resumes_exactly(data, tmp_path):
                                                 "erase_prob": 0.5})
 
     def train(run):
-        model = build_clip("tiny-rn", None, tiny=TINY_RN, context_length=MAX_TOKENS)
+        model = build_clip("tiny-rn", None, tiny=TINY_CLIP, context_length=MAX_TOKENS)
         return pretrain_clip(model, bank, sentences, p, torch.device("cpu"), seed=3, max_tokens=MAX_TOKENS,
                              run=run)
 
@@ -176,10 +175,10 @@ def test_step1_resumes_exactly(data, tmp_path):
     p = PARAMS.step1.model_copy(update={"epochs": 2, "batch_size": 4, "num_negatives": 5,
                                         "calibration_negatives": 2, "calibration_size": SIDE,
                                         "input_size": SIDE, "amp": False})
-    clip = build_clip("tiny-rn", None, tiny=TINY_RN, context_length=MAX_TOKENS)
+    clip = build_clip("tiny-rn", None, tiny=TINY_CLIP, context_length=MAX_TOKENS)
 
     def train(run):
-        model = TRISLocaliser(ClipBackbone(build_clip("tiny-rn", None, tiny=TINY_RN,
+        model = TRISLocaliser(ClipBackbone(build_clip("tiny-rn", None, tiny=TINY_CLIP,
                                                       context_length=MAX_TOKENS)), hidden_dim=4)
         return train_step1(model, FrozenClip(clip), bank, sentences, p, torch.device("cpu"), seed=3,
                            max_tokens=MAX_TOKENS, run=run)
@@ -204,7 +203,7 @@ def test_step2_resumes_exactly(data, tmp_path):
     masks = {int(r): (rng.random((SIDE, SIDE)) < 0.3).astype(np.uint8) for r in sentences["ref_id"].unique()}
 
     def train(run):
-        clip = build_clip("tiny-rn", None, tiny=TINY_RN, context_length=MAX_TOKENS)
+        clip = build_clip("tiny-rn", None, tiny=TINY_CLIP, context_length=MAX_TOKENS)
         model = ReferringSegmenter(ClipBackbone(clip), p.fusion_dim, p.decoder_dim)
         return train_step2(model, bank, sentences, masks, p, torch.device("cpu"), seed=3,
                            max_tokens=MAX_TOKENS, run=run)

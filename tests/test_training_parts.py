@@ -91,7 +91,7 @@ def test_resume_fingerprint_changes_with_the_training_code(tmp_path):
     root = Path(pipeline.__file__).resolve().parents[1]
     names = {f.relative_to(root).as_posix() for f in code[1:]}
     assert {"pipeline/losses.py", "pipeline/train/step1.py", "pipeline/train/common.py"} <= names
-    assert not {"pipeline/train/step2.py", "pipeline/predict.py", "pipeline/refine/crf.py"} & names
+    assert not {"pipeline/train/step2.py", "pipeline/predict.py", "pipeline/pseudo/crf.py"} & names
     assert all(f.suffix == ".py" for f in code)
     before = fingerprint({"lr": 1e-3}, code)
     assert fingerprint({"lr": 1e-3}, code) == before

@@ -1,4 +1,4 @@
-"""Drawing helpers, the HTML gallery, and the ``python -m pipeline.inspect`` command on a tiny index."""
+"""Drawing helpers, the HTML gallery, and the ``python -m pipeline.eval.inspect`` command on a tiny index."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline import inspect as inspect_cli
 from pipeline.data.index import write_index
 from pipeline.data.tables import table_from_rows
-from pipeline.store import RESPONSE_SCHEMA, RecordWriter
-from pipeline.viz import (
+from pipeline.eval import inspect as inspect_cli
+from pipeline.eval.viz import (
     caption,
     draw_contour,
     draw_point,
@@ -25,6 +24,7 @@ from pipeline.viz import (
     select_sections,
     write_gallery,
 )
+from pipeline.store import RESPONSE_SCHEMA, RecordWriter
 
 
 def _image(h=20, w=30, value=100):
@@ -136,7 +136,7 @@ def test_write_gallery(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# pipeline.inspect on a tiny index + store
+# pipeline.eval.inspect on a tiny index + store
 # ------------------------------------------------------------------------------------------------
 
 

@@ -9,17 +9,20 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import merge  # noqa: F401  (re-exported: the slow tests merge overrides with it)
+from pipeline.params import overlay
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The tests' small CLIP (``model.clip.tiny`` keys): the one definition, also the ``tiny_clip`` fixture.
+# A test that needs another size writes ``{**TINY_CLIP, "image_size": 96}``.
+TINY_CLIP = {"embed_dim": 32, "image_size": 64, "vision_layers": [1, 1, 1, 1], "vision_width": 8,
+             "text_width": 32, "text_heads": 2, "text_layers": 1}
 
 TINY = {
     "base": {"seed": 3, "threads": 1},
     "synthesize": {"num_images": 40,
                    "split_fractions": {"train": 0.5, "val": 0.2, "testA": 0.15, "testB": 0.15}},
-    "model": {"clip": {"tiny": {"embed_dim": 32, "image_size": 64, "vision_layers": [1, 1, 1, 1],
-                                "vision_width": 8, "text_width": 32, "text_heads": 2, "text_layers": 1}},
-              "hidden_dim": 32},
+    "model": {"clip": {"tiny": TINY_CLIP}, "hidden_dim": 32},
     "pretrain_clip": {"epochs": 1, "batch_size": 8,
                       "frozen": {"pictures": 16, "epochs": 1, "image_size": 32}},
     "step1": {"input_size": 96, "epochs": 1, "batch_size": 8, "num_negatives": 7, "calibration_size": "auto"},
@@ -37,7 +40,7 @@ def stage_names() -> list[str]:
 
 def write_params(workdir: Path, override: dict | None = None) -> None:
     """``params.yaml`` of the tiny config (plus ``override``) in ``workdir``."""
-    params = merge(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), override or {})
+    params = overlay(overlay(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), override or {})
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

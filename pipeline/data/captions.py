@@ -83,15 +83,15 @@ def pretraining_corpus(train: pd.DataFrame, p: PretrainClipParams, world: Synthe
     """(image_id, text) pairs the embedded CLIP learns from, and the bank that serves their pictures:
     the RIS ``train`` sentences (``p.ris_images``) and/or ``p.caption_images`` captioned pictures of the
     synthetic world that ``world`` describes (the synthesize section: same shapes, sizes, layout rules)."""
-    scene = {"image_side": world.image_side, "object_scale": world.object_scale,
-             "expressions_per_object": world.expressions_per_object, "distractor_rate": world.distractor_rate,
-             "family_weights": world.family_weights.model_dump()}
-    objects_per_image = tuple(p.caption_objects)  # read even when unused: dvc.yaml lists the whole section
     parts, pictures = [], {}
     if p.ris_images:
         parts.append(train[["image_id", "text"]])
     if p.caption_images:
-        captions, pictures = caption_corpus(p.caption_images, objects_per_image=objects_per_image,
+        scene = {"image_side": world.image_side, "object_scale": world.object_scale,
+                 "expressions_per_object": world.expressions_per_object,
+                 "distractor_rate": world.distractor_rate,
+                 "family_weights": world.family_weights.model_dump()}
+        captions, pictures = caption_corpus(p.caption_images, objects_per_image=tuple(p.caption_objects),
                                             size=size, seed=seed, **scene)
         parts.append(captions)
     if not parts:
@@ -161,13 +161,14 @@ def cutout_corpus(p: FrozenPretrainParams, world: SynthesizeParams, *,
     common = {"image_side": tuple(world.image_side), "object_scale": tuple(world.object_scale),
               "expressions_per_object": tuple(world.expressions_per_object), "size": p.image_size,
               "seed": seed}
-    scene = {"objects_per_image": tuple(world.objects_per_image), "distractor_rate": world.distractor_rate,
-             "family_weights": world.family_weights.model_dump()}  # read even if unused: dvc.yaml lists them
     parts, pictures = [], {}
     for kind in p.kinds:
         if kind == "isolated":
             rows, pics = isolated_cutouts(p.pictures, **common)
         else:
+            scene = {"objects_per_image": tuple(world.objects_per_image),
+                     "distractor_rate": world.distractor_rate,
+                     "family_weights": world.family_weights.model_dump()}
             rows, pics = scene_cutouts(p.pictures, **scene, **common)
         offset = -len(pictures)  # keep the ids of the kinds apart: -1..-n, then -(n+1)..
         parts.append(rows.assign(image_id=rows["image_id"] + offset))

@@ -22,16 +22,17 @@ SEGMENTER_META_KEYS = (
 
 
 def save_localiser(path: Path, model: TRISLocaliser, meta: dict) -> None:
-    """``meta`` holds clip_dir, hidden_dim, prompt, alpha, beta, input_size, max_tokens."""
+    """``meta`` (``pipeline.train.step1.localiser_meta``) holds clip_dir, hidden_dim, prompt, alpha, beta,
+    input_size, max_tokens, feature_stride, temperature and learn_temperature."""
     save_torch(path, {"model": model.state_dict(), "meta": meta})
 
 
 def build_localiser(clip_dir: str | Path, meta: dict) -> TRISLocaliser:
     """A localiser initialised from the CLIP of ``clip_dir`` (Step-1 starts here)."""
-    backbone = ClipBackbone(load_clip(clip_dir), dense_stride=meta.get("feature_stride", 32))
+    backbone = ClipBackbone(load_clip(clip_dir), dense_stride=meta["feature_stride"])
     return TRISLocaliser(backbone, meta["hidden_dim"], prompt=meta["prompt"], alpha=meta["alpha"],
-                         beta=meta["beta"], init_temperature=meta.get("temperature", 1 / 0.07),
-                         learn_temperature=meta.get("learn_temperature", True))
+                         beta=meta["beta"], init_temperature=meta["temperature"],
+                         learn_temperature=meta["learn_temperature"])
 
 
 def load_localiser(path: str | Path) -> tuple[TRISLocaliser, dict]:

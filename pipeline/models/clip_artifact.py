@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from pipeline.atomic import write_json
-from pipeline.models.clip_backbone import TINY_RN, TINY_VIT, FrozenClip, build_clip
+from pipeline.models.clip_backbone import CLIP_CONTEXT_LENGTH, TINY_RN, TINY_VIT, FrozenClip, build_clip
 
 SPEC_FILE = "clip.json"
 FROZEN_SPEC_FILE = "frozen_clip.json"
@@ -36,7 +36,7 @@ def frozen_clip_spec(frozen_name: str, frozen_pretrained: str, clip: dict) -> di
         return dict(clip)
     if frozen_name in (TINY_RN, TINY_VIT):
         return clip_spec(frozen_name, frozen_pretrained, clip["tiny"], clip["context_length"])
-    return clip_spec(frozen_name, frozen_pretrained, None, 77)
+    return clip_spec(frozen_name, frozen_pretrained, None, CLIP_CONTEXT_LENGTH)
 
 
 def write_clip_spec(clip_dir: Path, spec: dict, file: str = SPEC_FILE) -> None:

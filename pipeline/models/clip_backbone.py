@@ -30,6 +30,9 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
 
+CLIP_CONTEXT_LENGTH = 77
+"""Text context of the released CLIPs (open_clip's default); the tiny CLIP is built at model.max_tokens."""
+
 TINY_RN = "tiny-rn"
 TINY_VIT = "tiny-vit"
 _NO_WEIGHTS = (None, "", "none", "None")
@@ -43,7 +46,7 @@ def tiny_clip_config(
     text_width: int = 32,
     text_heads: int = 2,
     text_layers: int = 1,
-    context_length: int = 77,
+    context_length: int = CLIP_CONTEXT_LENGTH,
     vision_patch_size: int | None = None,
 ) -> dict:
     """Keyword arguments for ``open_clip.CLIP`` describing a small, randomly initialisable CLIP.
@@ -92,7 +95,7 @@ def build_clip(
     pretrained: str | os.PathLike | None,
     *,
     tiny: dict | None = None,
-    context_length: int = 77,
+    context_length: int = CLIP_CONTEXT_LENGTH,
 ) -> CLIP:
     """Build a float32 ``open_clip`` CLIP, optionally loading weights, without ever touching the network.
 

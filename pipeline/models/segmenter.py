@@ -126,7 +126,7 @@ class ReferringSegmenter(nn.Module):
 
     FUSED_STAGES = (1, 2, 3)  # layer2, layer3, layer4: the last three encoder stages
 
-    def __init__(self, backbone: ClipBackbone, fusion_dim: int = 64, decoder_dim: int = 32):
+    def __init__(self, backbone: ClipBackbone, fusion_dim: int, decoder_dim: int):
         super().__init__()
         self.backbone = backbone
         stages = list(backbone.stage_channels)

@@ -133,8 +133,8 @@ def pretrain_embedded_clip(params: Params, train: pd.DataFrame, index_bank: Imag
     weights (seeded with ``base.seed``), trained on ``pretraining_corpus`` of the train split's
     sentences ``train`` (images from ``index_bank``, at ``model.clip.tiny.image_size``).
 
-    One definition for the ``pretrain_clip`` stage and ``scripts/step1_sweep.py``, so a CLIP the sweep
-    pretrains with other ``model.clip.tiny`` values is the one the stage would build with them.
+    The one definition of this pretraining: a caller that pretrains with other ``model.clip.tiny``
+    values gets the CLIP the ``pretrain_clip`` stage would build with them.
     """
     clip_p = params.model.clip
     seed_everything(params.base.seed)
@@ -154,8 +154,8 @@ def pretrain_embedded_frozen_clip(params: Params, device: torch.device,
     ``pretrain_clip.frozen``'s cutouts with ``pretrain_clip``'s optimiser settings. It never sees a RIS image.
 
     Seeded here, not by whatever the main CLIP's pretraining left in torch's generator, because what
-    this scorer learns depends strongly on its start (``scripts/frozen_scorer_seeds.py``): one definition
-    for the ``pretrain_clip`` stage and that script, so a seed the script reports is the stage's scorer.
+    this scorer learns depends strongly on its start: with one definition, a scorer built for a seed
+    outside the stage is the stage's scorer for that seed.
     """
     fp, seed = params.pretrain_clip.frozen, params.base.seed
     tiny = {**params.model.clip.tiny.model_dump(), "image_size": fp.image_size}

@@ -1,19 +1,19 @@
 """How much does the embedded frozen scorer's masked-object ranking depend on its seed?
 
-    python scripts/frozen_scorer_seeds.py --kinds scene --seeds 0 1 2 [--out-dir /tmp/scorers]
+    python -m research.frozen_scorer_seeds --kinds scene --seeds 0 1 2 [--out-dir /tmp/scorers]
 
 For each seed, pretrain the embedded frozen CLIP of calibration and PRMS exactly as the
 ``pretrain_clip`` stage does with ``model.frozen_clip.pretrained: embedded`` and that ``base.seed``
 (``pipeline.train.clip_pretrain.pretrain_embedded_frozen_clip``: the seed draws both its cutout corpus
 and its initial weights), then print its masked-object ranking on ``--split`` by expression family
-(``scripts/ranking_by_family.py``'s table), and the mean and spread over seeds. Seed 0 is the scorer
+(``research.ranking_by_family``'s table), and the mean and spread over seeds. Seed 0 is the scorer
 the stage builds. ``--out-dir`` keeps each scorer as ``seedN/frozen_clip.{json,pt}``, a folder that
-``scripts/step1_sweep.py --frozen`` calibrates with.
+``python -m research.step1_sweep --frozen`` calibrates with.
 
-Why: issue 14 asks for a frozen CLIP that ranks masked objects (target 0.80). A scorer trained on scene
-cutouts can read position words, but whether it learns to is a matter of its start (study doc, section
-"A scorer that reads position"). Training reads generated pictures only; the ranking reads val GT
-masks, as the stage's diagnostic does. No stage calls this script.
+Why: the embedded default's targets ask for a frozen CLIP that ranks masked objects (0.80). A scorer
+trained on scene cutouts can read position words, but whether it learns to is a matter of its start
+(study doc, section "A scorer that reads position"). Training reads generated pictures only; the
+ranking reads val GT masks, as the stage's diagnostic does. No stage calls this script.
 """
 
 from __future__ import annotations
@@ -25,17 +25,16 @@ import pandas as pd
 import torch
 import yaml
 
-from bench.common import merge
 from pipeline import paths
 from pipeline.atomic import atomic_dir
 from pipeline.data.index import load_index
-from pipeline.diagnostics import masked_object_hits
+from pipeline.eval.clip_checks import masked_object_hits
 from pipeline.models.clip_artifact import FROZEN_SPEC_FILE, FROZEN_WEIGHTS_FILE, clip_spec, write_clip_spec
 from pipeline.models.clip_backbone import FrozenClip
-from pipeline.params import parse_params
+from pipeline.params import overlay, parse_params
 from pipeline.runtime import configure_threads, select_device
 from pipeline.train.clip_pretrain import pretrain_embedded_frozen_clip
-from scripts.ranking_by_family import FAMILIES, ranking_by_family
+from research.ranking_by_family import FAMILIES, ranking_by_family
 
 
 def scorer_override(kinds: list[str] | None, pictures: int | None, epochs: int | None) -> dict:
@@ -67,13 +66,13 @@ def main() -> None:
     parser.add_argument("--out-dir", type=Path, default=None, help="keep each scorer as OUT_DIR/seedN")
     args = parser.parse_args()
     with open("params.yaml") as f:
-        raw = merge(yaml.safe_load(f), scorer_override(args.kinds, args.pictures, args.epochs))
+        raw = overlay(yaml.safe_load(f), scorer_override(args.kinds, args.pictures, args.epochs))
     configure_threads(raw["base"]["threads"])  # as start_stage: float results depend on the thread count
     device = select_device(raw["base"]["device"])
     index = load_index(paths.INDEX)
     rows = []
     for seed in args.seeds:
-        params = parse_params(merge(raw, {"base": {"seed": seed}}), "params.yaml + frozen_scorer_seeds")
+        params = parse_params(overlay(raw, {"base": {"seed": seed}}), "params.yaml + frozen_scorer_seeds")
         model, tiny = pretrain_embedded_frozen_clip(params, device)
         if args.out_dir is not None:
             with atomic_dir(args.out_dir / f"seed{seed}") as out:

@@ -1,4 +1,4 @@
-"""Which object a Step-1 map responds to: the object hit, a diagnostic beside PointM (issue 14).
+"""Which object a Step-1 map responds to: the object hit, a diagnostic beside PointM.
 
 PointM only asks where the single peak of a map falls. On small objects a coarse map can cover the
 right object and still peak just beside it, and a sharper map can peak inside the wrong object. PRMS,
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.data.index import decode_mask
-from pipeline.evaluation import response_to_prob
+from pipeline.eval.scoring import response_to_prob
 
 
 def response_object_hits(responses: dict[int, np.ndarray], sentences: pd.DataFrame, refs: pd.DataFrame,

@@ -1,7 +1,6 @@
-"""Does the text side tell "leftmost" from "rightmost"? Cosine of expressions that differ by one word
-(issue 14).
+"""Does the text side tell "leftmost" from "rightmost"? Cosine of expressions that differ by one word.
 
-    python scripts/text_separation.py [--split val] [--step1]
+    python -m research.text_separation [--split val] [--step1]
 
 A minimal pair is two expressions of the split that are the same word for word except one, where the two
 differing words name different values of one attribute: colour ("the red circle" / "the blue circle"),

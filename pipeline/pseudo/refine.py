@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from pipeline.params import PseudoMaskParams
-from pipeline.refine.affinity import AffinityNet, predict_boundary
-from pipeline.refine.crf import crf_refine
-from pipeline.refine.random_walk import random_walk
+from pipeline.pseudo.affinity import AffinityNet, predict_boundary
+from pipeline.pseudo.crf import crf_refine
+from pipeline.pseudo.random_walk import random_walk
 
 Keep = Literal["all", "largest", "argmax"]
 
@@ -38,7 +38,7 @@ def refine_map(
     ``irn``: the boundary map ``B`` of ``affinity_net`` on the image resized to ``input_size`` squared
     (stride-4 grid), the fg map area-downsampled to that grid, ``random_walk`` of ``fg * (1 - B)``,
     bilinear upsampling back to ``(H, W)`` and division by the maximum (IRN's ``rw_up / max``), per map.
-    The confident labels that trained ``affinity_net`` come from :func:`pipeline.refine.crf.confident_labels`.
+    The confident labels that trained ``affinity_net`` come from :func:`pipeline.pseudo.crf.confident_labels`.
     """
     method = params.refine
     fg = np.clip(np.asarray(fg_map, dtype=np.float32), 0.0, 1.0)

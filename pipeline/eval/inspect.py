@@ -1,6 +1,6 @@
 """Render stored Step-1 responses over their images, to look at what the model localises.
 
-``python -m pipeline.inspect --responses artifacts/responses.zarr --index artifacts/index --split val
+``python -m pipeline.eval.inspect --responses artifacts/responses.zarr --index artifacts/index --split val
 --sample 8 --out inspect/`` writes one PNG per sentence: the image with the ground-truth contour, and
 the response map (upsampled bilinearly to the original image size, then min-max normalised, exactly as
 evaluation does) overlaid as a heat map with its maximum point, captioned with the expression and its
@@ -20,10 +20,10 @@ from PIL import Image
 from pipeline.atomic import atomic_file
 from pipeline.data.images import read_image_rgb
 from pipeline.data.index import Index, decode_mask, load_index
-from pipeline.evaluation import response_to_prob
-from pipeline.metrics import SentenceScore, point_from_map, score_sentence
+from pipeline.eval.metrics import SentenceScore, point_from_map, score_sentence
+from pipeline.eval.scoring import response_to_prob
+from pipeline.eval.viz import render_case
 from pipeline.store import RecordStore, open_responses
-from pipeline.viz import render_case
 
 
 def _lookup(table: pd.DataFrame, column: str, key: int) -> pd.Series:
@@ -80,7 +80,8 @@ def choose_sent_ids(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.eval.inspect",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--responses", required=True, type=Path, help="responses.zarr")
     parser.add_argument("--index", required=True, type=Path, help="folder with the index parquet tables")
     parser.add_argument("--split", required=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pipeline.evaluation import AUTHORS_KEY
+from pipeline.eval.scoring import AUTHORS_KEY
 
 KEYS = ("mIoU", "oIoU", "P@0.5", "P@0.7", "P@0.9", "PointM", "PointIt", "Acc_box")
 

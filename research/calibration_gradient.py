@@ -1,6 +1,6 @@
-"""How often is the calibration's positive term (Eq. 8) dead? (issue 14, finding 2)
+"""How often is the calibration's positive term (Eq. 8) dead?
 
-    python scripts/calibration_gradient.py [--images 480]
+    python -m research.calibration_gradient [--images 480]
 
 With ``step1.calibration_score: cosine`` the similarity ``S`` of Eq. 9 is the cosine of the frozen
 CLIP's embedding of the masked image ``I * up(R^p)`` and of the positive expression, clamped into

@@ -19,7 +19,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from pipeline.refine.affinity import pair_affinity, path_offsets
+from pipeline.pseudo.affinity import pair_affinity, path_offsets
 
 
 def _check(x: torch.Tensor, boundary: torch.Tensor) -> None:

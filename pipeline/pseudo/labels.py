@@ -29,11 +29,11 @@ from pipeline.distributed import SINGLE_PROCESS, DistContext
 from pipeline.maps import minmax_normalize, upsample
 from pipeline.models.clip_backbone import FrozenClip, encode_texts
 from pipeline.params import AffinityParams, PseudoMaskParams
-from pipeline.prms import PrmsItem, choose_without_prms, select_batch
 from pipeline.progress import progress
-from pipeline.refine.affinity import AffinityNet, train_affinity
-from pipeline.refine.crf import confident_labels
-from pipeline.refine.pseudo_mask import refine_map, to_pseudo_mask
+from pipeline.pseudo.affinity import AffinityNet, train_affinity
+from pipeline.pseudo.crf import confident_labels
+from pipeline.pseudo.prms import PrmsItem, choose_without_prms, select_batch
+from pipeline.pseudo.refine import refine_map, to_pseudo_mask
 from pipeline.store import RecordStore
 
 

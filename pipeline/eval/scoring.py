@@ -1,7 +1,7 @@
 """Scoring maps of a split against the ground truth (evaluation stages only).
 
 Each map is brought to its image's original size before scoring (Sec. 4.1 metrics in
-:mod:`pipeline.metrics`). Step-1 responses are min-max normalised per map and then thresholded; Step-2
+:mod:`pipeline.eval.metrics`). Step-1 responses are min-max normalised per map and then thresholded; Step-2
 outputs are probabilities already.
 """
 
@@ -17,8 +17,8 @@ from PIL import Image
 
 from pipeline.data.index import decode_mask
 from pipeline.data.samples import ImageBank
+from pipeline.eval.metrics import aggregate, chance_baselines, iou, score_sentence
 from pipeline.maps import clip_normalize, minmax_normalize, upsample
-from pipeline.metrics import aggregate, chance_baselines, iou, score_sentence
 from pipeline.models.clip_backbone import tokenize
 from pipeline.params import EvaluateParams
 from pipeline.store import RecordStore

@@ -3,7 +3,7 @@
 IRN does not predict affinities directly: it predicts a boundary map ``B`` and defines the affinity of
 two nearby pixels as ``a_ij = 1 - max_{k on the segment i->j} B_k``, so two pixels are related unless a
 boundary separates them. The boundary branch is trained only from pairs of *confident* pseudo-labels
-(:func:`pipeline.refine.crf.confident_labels`): same label -> high affinity, different -> low.
+(:func:`pipeline.pseudo.crf.confident_labels`): same label -> high affinity, different -> low.
 
 IRN's network is a frozen ResNet-50 with a boundary head; here :class:`AffinityNet` is a ~33k-parameter
 CNN trained from scratch on the pseudo-labels, so the stage stays minutes on a CPU. The pair geometry

@@ -1,6 +1,6 @@
 """How well could *any* model do on the retrieval-among-48 diagnostic of the embedded default?
 
-    python scripts/retrieval_ceiling.py [--split val] [--candidates 48]
+    python -m research.retrieval_ceiling [--split val] [--candidates 48]
 
 ``pretrain_clip``'s ``retrieval`` diagnostic scores a whole image against one of its own expressions and
 ``candidates - 1`` expressions of other images (Eq. 7's premise). On the synthetic world many of those
@@ -24,7 +24,7 @@ import pandas as pd
 from pipeline import paths
 from pipeline.data.synthetic.expressions import parse_expression, resolve
 from pipeline.data.synthetic.scene import SceneObject
-from pipeline.diagnostics import retrieval_candidates
+from pipeline.eval.clip_checks import retrieval_candidates
 
 
 def load_scene_objects(scenes_json: Path) -> dict[int, list[SceneObject]]:
@@ -37,7 +37,8 @@ def load_scene_objects(scenes_json: Path) -> dict[int, list[SceneObject]]:
 def oracle_retrieval(objects: dict[int, list[SceneObject]], sentences: pd.DataFrame, split: str,
                      candidates: int = 48, seed: int = 0) -> dict:
     """Expected retrieval of a scene-reading oracle, with the candidate draws of
-    :func:`pipeline.diagnostics.expression_retrieval` (:func:`~pipeline.diagnostics.retrieval_candidates`);
+    :func:`pipeline.eval.clip_checks.expression_retrieval`
+    (:func:`~pipeline.eval.clip_checks.retrieval_candidates`);
     also the mean number of true candidates."""
     rows = sentences[sentences["split"] == split].sort_values("sent_id", kind="stable")
     meanings = [parse_expression(t) for t in rows["text"]]

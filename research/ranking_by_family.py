@@ -1,8 +1,8 @@
 """The frozen CLIP's masked-object ranking, and Step-1's object-level grounding, split by what the
-expression names (issue 14, finding 5).
+expression names.
 
-    python scripts/ranking_by_family.py [--split val] [--clip artifacts/clip]
-    python scripts/ranking_by_family.py --by kind --step1     # attribute subsets; Step-1 beside CLIP
+    python -m research.ranking_by_family [--split val] [--clip artifacts/clip]
+    python -m research.ranking_by_family --by kind --step1     # attribute subsets; Step-1 beside CLIP
 
 ``pretrain_clip`` reports one masked-object ranking: for each expression, does the frozen CLIP score the
 target's GT-masked image above every other object's? The synthetic expressions come in three families,
@@ -34,13 +34,13 @@ import pandas as pd
 from pipeline import paths
 from pipeline.data.index import load_index
 from pipeline.data.synthetic.expressions import parse_expression
-from pipeline.diagnostics import masked_object_hits
-from pipeline.grounding import response_object_hits
+from pipeline.eval.clip_checks import masked_object_hits
 from pipeline.models.clip_artifact import load_frozen_clip
 from pipeline.params import load_params
-from pipeline.pseudo_labels import load_split_responses
+from pipeline.pseudo.labels import load_split_responses
 from pipeline.runtime import select_device
 from pipeline.store import open_responses
+from research.grounding import response_object_hits
 
 FAMILIES = ("attribute", "position", "relation")
 ATTRIBUTES = ("size", "colour", "shape")

@@ -1,7 +1,7 @@
 """Step-1 over tiny-CLIP architectures and training settings: what lets Step-1 ground shape?
 
-    python scripts/step1_sweep.py 16:1111:cls_full_lr 32:1111:cls_full_lr:full_full_lr 32:2222:cls_full_lr
-    python scripts/step1_sweep.py clip:cls_baseline_settings    # from the built artifacts/clip
+    python -m research.step1_sweep 16:1111:cls_full_lr 32:1111:cls_full_lr:full_full_lr 32:2222:cls_full_lr
+    python -m research.step1_sweep clip:cls_baseline_settings    # from the built artifacts/clip
 
 Each argument is ``WIDTH:LAYERS:VARIANT[:VARIANT...]`` (or ``clip:VARIANT[:...]`` for the CLIP the
 ``pretrain_clip`` stage built): pretrain a tiny CLIP with
@@ -13,13 +13,13 @@ evaluate stage's protocol), the object hit, and the object hit by expression kin
 (``scripts/scratch_baseline.grounding_summary``). Lines are also appended to ``--out``.
 
 ``--frozen DIR`` calibrates every run with the frozen CLIP of ``DIR`` (for instance a scorer that
-``scripts/frozen_scorer_seeds.py --out-dir`` kept) instead of the CLIP folder's own.
+``python -m research.frozen_scorer_seeds --out-dir`` kept) instead of the CLIP folder's own.
 
 The ``scratch_*`` variants reset every CLIP weight before Step-1, so the architecture is trained from
 random weights inside Step-1's own loop: it separates "the CLIP's start" from "the Step-1 model and loss".
 ``baseline_cnn_settings`` puts the from-scratch baseline's CNN in place of the CLIP's vision tower, with
 every baseline setting that is a ``params.yaml`` key: it separates the vision tower from the rest.
-Issue 14's next lever after the from-scratch baseline (docs/embedded-default-study.md). Meant for a GPU
+The lever tried after the from-scratch baseline (docs/embedded-default-study.md). Meant for a GPU
 (about 20 s per pretraining and 15-40 s per Step-1 on an H100); it runs on CPU too. Training reads
 images and expressions only; val ground truth is read by the evaluation alone. No stage calls it.
 """
@@ -34,12 +34,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from bench.common import merge
 from pipeline import paths
 from pipeline.atomic import atomic_dir
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
-from pipeline.diagnostics import masked_object_ranking
+from pipeline.eval.clip_checks import masked_object_ranking
 from pipeline.models.checkpoints import build_localiser
 from pipeline.models.clip_artifact import (
     FROZEN_SPEC_FILE,
@@ -51,16 +50,16 @@ from pipeline.models.clip_artifact import (
     write_clip_spec,
 )
 from pipeline.models.step1 import TRISLocaliser
-from pipeline.params import Params, parse_params
+from pipeline.params import Params, overlay, parse_params
 from pipeline.responses import iter_responses
 from pipeline.runtime import configure_threads, seed_everything, select_device
 from pipeline.train.clip_pretrain import pretrain_embedded_clip
 from pipeline.train.step1 import localiser_meta, train_step1
-from scripts.scratch_baseline import ScratchLocaliser, grounding_summary
+from research.scratch_baseline import ScratchLocaliser, grounding_summary
 
 CLS_ONLY = {"calibration_positive": False, "calibration_negative": False}
 FULL_LR = {"lr": 5e-4, "backbone_lr_mult": 1.0, "feature_stride": 16}  # the baseline's rate on everything
-# every choice of scripts/scratch_baseline.py that is a params.yaml key but the prompt (constant lr, tau 10)
+# every choice of research.scratch_baseline that is a params.yaml key but the prompt (constant lr, tau 10)
 BASELINE = {**FULL_LR, "input_size": 128, "feature_stride": 8, "poly_power": 0.0, "temperature": 10.0}
 VARIANTS: dict[str, dict] = {
     "default": {},
@@ -104,7 +103,7 @@ def parse_run(text: str) -> tuple[tuple[int, list[int]] | None, list[str]]:
 
 
 def use_baseline_cnn(model: TRISLocaliser, hidden_dim: int) -> None:
-    """Swap Step-1's vision tower for ``scripts/scratch_baseline.py``'s CNN (random weights, stride 8) and
+    """Swap Step-1's vision tower for ``research.scratch_baseline``'s CNN (random weights, stride 8) and
     give it a fresh projector to C_d. It takes the CLIP-normalised images Step-1 feeds its backbone; the
     CLIP's own vision weights stay in the model, unused. Separates the vision tower from everything else."""
     baseline = ScratchLocaliser()
@@ -132,7 +131,7 @@ class Sweep:
         return self.banks[size]
 
     def params(self, override: dict) -> Params:
-        return parse_params(merge(self.base, override), "params.yaml + step1_sweep overrides")
+        return parse_params(overlay(self.base, override), "params.yaml + step1_sweep overrides")
 
     def emit(self, record: dict) -> None:
         line = json.dumps(record)
@@ -218,7 +217,7 @@ def main() -> None:
                         help="override the pretraining and Step-1 epochs of every run")
     parser.add_argument("--frozen", type=Path, default=None,
                         help="calibrate with the frozen CLIP of this folder (its frozen_clip.json), not the "
-                             "CLIP folder's own; e.g. a scorer of scripts/frozen_scorer_seeds.py --out-dir")
+                             "CLIP folder's own; e.g. one of research.frozen_scorer_seeds --out-dir")
     args = parser.parse_args()
     plan = [parse_run(text) for text in args.runs]
     with open("params.yaml") as f:
