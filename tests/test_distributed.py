@@ -6,13 +6,16 @@ Launched the way a user does it: ``base.nproc: 2`` in params.yaml makes each sta
 itself under torchrun. BatchNorm is frozen (``freeze_batchnorm``) because gloo has no SyncBatchNorm:
 with per-rank batch statistics two processes would legitimately differ from one.
 
-The README's multi-node launch runs too, on one machine: two torchrun "nodes" (``--nnodes 2``, one
-process each) meet at a c10d rendezvous on 127.0.0.1 and must train the single-process weights; the
-stage script they start must not re-launch itself under a nested torchrun even with ``base.nproc: 2``.
+The multi-node launch of docs/operations.md runs too, on one machine: two torchrun "nodes"
+(``--nnodes 2``, one process each) meet at a c10d rendezvous on 127.0.0.1 and must train the
+single-process weights; the stage script they start must not re-launch itself under a nested torchrun
+even with ``base.nproc: 2``. A fast test keeps that documented command and :func:`multinode_command` in
+step.
 """
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -106,16 +109,30 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# More than one machine: the README's multi-node command, two "nodes" on 127.0.0.1
+# More than one machine: the multi-node command of docs/operations.md, two "nodes" on 127.0.0.1
 # ----------------------------------------------------------------------------------------------------
 
 
 def multinode_command(nnodes: int, endpoint: str, run_id: str, script: str) -> list[str]:
-    """The README's per-node launch (``torchrun`` is ``python -m torch.distributed.run``): the same
-    command on every node; c10d rendezvous assigns the node ranks, rank 0 hosts the store."""
+    """The per-node launch of docs/operations.md (``torchrun`` is ``python -m torch.distributed.run``):
+    the same command on every node; c10d rendezvous assigns the node ranks, rank 0 hosts the store."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", "1",
             "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id,
             "--local-addr", endpoint.rsplit(":", 1)[0], script]
+
+
+def test_operations_doc_multinode_command_is_the_tested_one():
+    """The ``torchrun`` block of docs/operations.md "Several nodes" is :func:`multinode_command`, with its
+    placeholders for the rendezvous, the job id and this node's address."""
+    text = (ROOT / "docs" / "operations.md").read_text()
+    block = re.search(r"```bash\n(torchrun .*?)```", text, re.S)
+    assert block, "docs/operations.md: no ```bash block starting with torchrun"
+    documented = block.group(1).replace("\\\n", " ").split()
+    tested = multinode_command(2, "HOST:PORT", "RUN_ID", "stages/train_step1.py")
+    assert tested[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    tested = ["torchrun", *tested[3:]]
+    tested[tested.index("--local-addr") + 1] = "THIS_NODE_ADDRESS"
+    assert documented == tested
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""Sharing results through a DVC remote, as the README describes: a researcher runs the pipeline once
+"""Sharing results through a DVC remote, as docs/operations.md describes: a researcher runs the pipeline once
 and pushes; a colleague clones the Git repository, pulls, and has an up-to-date pipeline that
 `dvc repro` leaves alone. Experiments travel the same way with `dvc exp push` / `dvc exp pull`.
 
