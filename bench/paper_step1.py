@@ -27,7 +27,7 @@ import yaml
 
 from bench import step1_throughput
 from bench.common import ROOT
-from pipeline.params import overlay
+from pipeline.params import overlay, read_params_yaml
 
 # What replaces the README command's data location and weight paths (they exist on a user's machine only).
 STAND_INS = {
@@ -71,7 +71,7 @@ def paper_params(weights: Path, num_images: int) -> dict:
     small = {"synthesize": {"num_images": num_images,
                             "split_fractions": {"train": 0.5, "val": 0.2, "testA": 0.15, "testB": 0.15}},
              "step1": PAPER_BATCH}
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base = read_params_yaml(ROOT / "params.yaml")
     return overlay(overlay(base, overrides_to_dict(pairs)), small)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import random
 
@@ -36,8 +37,20 @@ def select_device(name: str = "auto", setting: str = "base.device") -> torch.dev
     return device
 
 
+MAX_SEED = 2**32 - 1
+"""The largest seed every consumer takes: np.random.seed and PYTHONHASHSEED stop at 2**32 - 1 (torch at
+2**64 - 1); ``base.seed`` has the same range in pipeline/params.py."""
+
+
 def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch so that two CPU runs with one seed give identical outputs."""
+    """Seed Python, NumPy and torch so that two CPU runs with one seed give identical outputs.
+
+    A seed outside 0 .. 2**32 - 1 is refused with one line naming ``base.seed`` (params validation already
+    does; this covers direct callers), instead of torch's bare "Overflow when unpacking long" here or a
+    child process refusing PYTHONHASHSEED later.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"base.seed: {seed!r} is not an integer in 0 .. {MAX_SEED} (2**32 - 1)")
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

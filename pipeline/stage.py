@@ -62,13 +62,20 @@ def _one_line_errors(name: str) -> None:
     sys.excepthook = hook
 
 
+def one_line(err: Exception) -> str:
+    """``err``'s message on one line: a ParamsError lists each offending key on its own line, which a log
+    (DVC's, CI's) would split from the stage name; joined with ``; `` every key stays on the stage's line."""
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 def start_stage(name: str, params_path: str | Path = "params.yaml") -> tuple[Params, torch.device]:
-    """Load params (exit with the key-naming message on error), seed, pin threads, pick the device (exit
-    with one line naming ``base.device`` when it is unusable here, e.g. ``cuda`` without a GPU)."""
+    """Load params (exit with one line naming every offending key on error), seed, pin threads, pick the
+    device (exit with one line naming ``base.device`` when it is unusable here, e.g. ``cuda`` without a
+    GPU)."""
     try:
         params = load_params(params_path)
     except ParamsError as err:
-        sys.exit(f"{name}: {err}")
+        sys.exit(f"{name}: {one_line(err)}")
     _one_line_errors(name)
     seed_everything(params.base.seed)
     configure_threads(params.base.threads)

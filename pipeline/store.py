@@ -33,6 +33,22 @@ storage file the array metadata implies exists and is non-empty, and turns any d
 :class:`StoreCorruptError` naming the store, the group (split) and the shard file, and saying that
 ``dvc repro`` rebuilds it. The codecs change the stored bytes only; the decoded arrays are the same.
 
+A CRC covers a shard's bytes, not its place: two valid shards swapped (``c/0/0/0`` <-> ``c/1/0/0``), or
+two id columns swapped, decode cleanly and hand every record to another sentence. So the writer binds
+each storage file to its place: once every file is on disk it records, in each array's attributes
+(``storage_digests``: storage key -> BLAKE2b-128 of the file's bytes), the digest of the file at that key,
+and the reader checks a file against the digest recorded for its key the first time a read touches it
+(the whole file once, then never again: a row-level hash on every read would cost more than the read).
+Rows are bound through their shard: a row's place in a verified shard is its place in the store, and
+the key column that names it is a verified file too. The digests live in the (consolidated) metadata,
+not in the data files, so moving a whole shard, column or group directory cannot carry them along.
+
+A store is built from one index (``artifacts/index``): its rows follow that index's sentences and
+objects, and its sizes that index's images. A writer given ``index=`` records the index's fingerprint
+(:func:`index_fingerprint`, a hash of its tables' bytes) in the attributes, and a reader given
+``index=`` refuses a store built from another index (e.g. one indexed with another seed) with one line
+naming both, instead of failing later on a size mismatch, or not at all.
+
 The two stores differ only in data: each is a :class:`RecordSchema` (``RESPONSE_SCHEMA``,
 ``PSEUDO_MASK_SCHEMA``) that names its data array, key column, dtypes, columns and attributes, and one
 writer (:class:`RecordWriter`) and one reader (:class:`RecordStore`) serve both.
@@ -41,6 +57,7 @@ writer (:class:`RecordWriter`) and one reader (:class:`RecordStore`) serve both.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -56,7 +73,14 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 from pipeline.atomic import atomic_dir
 from pipeline.distributed import SINGLE_PROCESS, DistContext
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: every array records the digest of each storage file at its key (``DIGEST_ATTR``); 1 did not."""
+DIGEST_ATTR = "storage_digests"
+"""Array attribute: storage key (e.g. ``c/3/0/0``) -> BLAKE2b-128 hex digest of that file's bytes."""
+INDEX_ATTR = "index_fingerprint"
+"""Root and group attribute: :func:`index_fingerprint` of the index the store was built from."""
+WRITER_STAGES = {"responses": "dump_responses", "pseudo_masks": "make_pseudo_masks"}
+"""The stage that writes each kind of store (named in mismatch messages)."""
 
 COMPRESSORS = (ZstdCodec(level=0, checksum=False), Crc32cCodec())
 """zarr's default zstd, then a CRC-32C of each (compressed) chunk, so a changed byte fails to decode
@@ -179,7 +203,9 @@ class RecordWriter:
 
     ``row_shape`` is the ``(h, w)`` of one record (stored as the ``schema.size_attr`` attribute);
     ``shard_size`` defaults to the schema's. ``attrs`` go to the root and to every split group, after
-    the schema's defaults and before the size attribute.
+    the schema's defaults and before the size attribute. ``index`` (the index folder the records come
+    from) adds its :func:`index_fingerprint` to those attributes, so that readers can refuse the store
+    once the index changed; stores built without it (tests, benchmarks) simply record none.
     """
 
     def __init__(
@@ -190,8 +216,11 @@ class RecordWriter:
         shard_size: int | None = None,
         attrs: Mapping[str, Any] | None = None,
         dist: DistContext = SINGLE_PROCESS,
+        index: str | Path | None = None,
     ) -> None:
         attrs = dict(attrs or {})
+        if index is not None:
+            attrs[INDEX_ATTR] = index_fingerprint(index)
         for name in schema.required_attrs:
             if name not in attrs:
                 raise ValueError(f"{schema.kind} writer attrs must give {name}")
@@ -382,6 +411,10 @@ class RecordWriter:
                     compressors=COMPRESSORS,
                     config=ARRAY_CONFIG,
                 )
+            for name, arr in group.arrays():  # every file is on disk now: bind each to its place
+                arr.update_attributes({DIGEST_ATTR: {
+                    key: _file_digest(self._tmp / split / name / key) for _, _, key in _storage_files(arr)
+                }})
         with warnings.catch_warnings():
             # Consolidated metadata is not yet in the Zarr v3 spec; zarr-python and xarray read it,
             # and without it xarray warns on every open_zarr.
@@ -428,6 +461,35 @@ def _cast_rows(values: Any, dtype: np.dtype, what: str) -> np.ndarray:
     return values.astype(dtype)
 
 
+def _file_digest(path: Path) -> str:
+    """BLAKE2b-128 of a file's bytes, read in blocks (a pseudo-mask shard can be tens of MB)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def index_fingerprint(index_dir: str | Path) -> str:
+    """A hash of the index tables (``*.parquet``: names, sizes and bytes) in ``index_dir``.
+
+    It identifies the index a store was built from: a store's rows follow the index's sentences and
+    objects, and its records the index's image sizes, so any change of a table (another seed, another
+    dataset, another filter) changes what the store should hold. The bytes, not the parsed tables, are
+    hashed, because this module reads no Parquet and because DVC tracks the same bytes. ``report.json``
+    is left out: it describes the tables and changes nothing in them.
+    """
+    index_dir = Path(index_dir)
+    tables = sorted(index_dir.glob("*.parquet"))
+    if not index_dir.is_dir() or not tables:
+        raise FileNotFoundError(f"{index_dir}: no index tables (*.parquet) found (run the index stage first)")
+    digest = hashlib.blake2b(digest_size=16)
+    for path in tables:
+        digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+        digest.update(_file_digest(path).encode())
+    return digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Reader
 # ----------------------------------------------------------------------------------------------------
@@ -447,16 +509,25 @@ class StoreCorruptError(RuntimeError):
         )
 
 
+class StoreMismatchError(ValueError):
+    """A store that is intact but cannot be used here: built from another index than the one given, or
+    written in an older format. The message names the store (and the index) and the fix."""
+
+    stage_one_line = True  # a stage reports it as one line (pipeline.stage), not a traceback
+
+
 class RecordStore:
     """Read-only view of a store written by :class:`RecordWriter` for ``schema``, with lookup by the
     schema's key column.
 
     Every read is checked (see the module docstring): the first access to a split verifies that all of
-    its storage files exist and are non-empty, and a chunk that fails to decode raises
-    :class:`StoreCorruptError` naming the store, split and shard instead of returning wrong values.
+    its storage files exist and are non-empty, the first read of a storage file that its bytes are the
+    ones recorded for its place, and a chunk that fails to decode raises :class:`StoreCorruptError`
+    naming the store, split and shard instead of returning wrong values. With ``index`` (an index
+    folder), a store built from another index is refused (:class:`StoreMismatchError`).
     """
 
-    def __init__(self, path: str | Path, schema: RecordSchema) -> None:
+    def __init__(self, path: str | Path, schema: RecordSchema, index: str | Path | None = None) -> None:
         self.path = Path(path)
         self.schema = schema
         if not self.path.exists():
@@ -468,9 +539,43 @@ class RecordStore:
         found = self._root.attrs.get("kind")
         if found != schema.kind:
             raise ValueError(f"{self.path} holds {found!r}, not a {schema.kind!r} store")
+        version = self._root.attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreMismatchError(
+                f"{schema.kind} store {self.path} has format {version}, this code reads format "
+                f"{FORMAT_VERSION} (shards bound to their place); `dvc repro` rebuilds it (or delete the "
+                f"store and re-run {WRITER_STAGES.get(schema.kind, 'the stage that writes it')})"
+            )
         self._columns: dict[str, dict[str, np.ndarray]] = {}
         self._rows: dict[str, dict[int, int]] = {}
         self._verified: set[str] = set()
+        self._placed: dict[tuple[str, str], set[int]] = {}  # storage files whose digest was checked
+        if index is not None:
+            self.require_index(index)
+
+    @property
+    def index_fingerprint(self) -> str | None:
+        """The :func:`index_fingerprint` of the index the store was built from (None if not recorded)."""
+        found = self._root.attrs.get(INDEX_ATTR)
+        return None if found is None else str(found)
+
+    def require_index(self, index_dir: str | Path) -> None:
+        """Refuse (:class:`StoreMismatchError`, one line naming the store and the index) a store that was
+        not built from the index in ``index_dir``, or that does not say which index it was built from."""
+        writer = WRITER_STAGES.get(self.schema.kind, "the stage that writes it")
+        fix = f"`dvc repro` rebuilds it (or delete the store and re-run {writer})"
+        found, expected = self.index_fingerprint, index_fingerprint(index_dir)
+        if found is None:
+            raise StoreMismatchError(
+                f"{self.schema.kind} store {self.path} does not record which index it was built from, so "
+                f"it cannot be checked against the index in {index_dir}; {fix}"
+            )
+        if found != expected:
+            raise StoreMismatchError(
+                f"{self.schema.kind} store {self.path} was built from another index than the one in "
+                f"{index_dir} (index fingerprint {found[:12]} in the store, {expected[:12]} in the index); "
+                f"{fix}"
+            )
 
     @property
     def splits(self) -> list[str]:
@@ -558,6 +663,7 @@ class RecordStore:
         """Rows ``[start, stop)`` of array ``name``; a decode failure (checksum mismatch, torn shard)
         becomes a :class:`StoreCorruptError` naming the shard that fails on its own."""
         arr = self._group(split)[name]
+        self._check_places(split, name, arr, start, stop)
         try:
             return arr[start:stop]
         except Exception as err:  # zarr and the codecs raise several types for damaged bytes
@@ -568,6 +674,44 @@ class RecordStore:
                     except Exception as shard_err:
                         raise self._corrupt(split, name, key, _fails(shard_err)) from shard_err
             raise self._corrupt(split, name, f"rows {start}..{stop - 1}", _fails(err)) from err
+
+    def _check_places(self, split: str, name: str, arr: zarr.Array, start: int, stop: int) -> None:
+        """Check each storage file holding rows ``[start, stop)`` of ``name`` against the digest recorded
+        for its key, once per file: a shard swapped with, or copied over from, another place has intact
+        CRCs but someone else's rows."""
+        step = (arr.shards or arr.chunks)[0]
+        placed = self._placed.setdefault((split, name), set())
+        for k in range(start // step, -(-stop // step)):
+            if k in placed:
+                continue
+            recorded = arr.attrs.get(DIGEST_ATTR, {})
+            for lo, hi, key in _storage_files(arr, rows=(k, k + 1)):
+                if key not in recorded:
+                    raise self._corrupt(split, name, key, "has no digest recorded in the array metadata")
+                try:
+                    found = _file_digest(self.path / split / name / key)
+                except FileNotFoundError:
+                    raise self._corrupt(split, name, key, "is missing") from None
+                if found != recorded[key]:
+                    raise self._corrupt(split, name, key, self._misplaced(split, name, arr, lo, hi, found))
+            placed.add(k)
+
+    def _misplaced(self, split: str, name: str, arr: zarr.Array, lo: int, hi: int, found: str) -> str:
+        """What is wrong with a file whose digest is not the one recorded for its place: whose bytes it
+        holds, if another place of this store recorded them, else whether it still decodes."""
+        for other in self.splits:
+            for other_name, other_arr in self._root[other].arrays():
+                for key, digest in other_arr.attrs.get(DIGEST_ATTR, {}).items():
+                    if digest == found:
+                        where = f"shard {other_name}/{key}" if other == split else (
+                            f"group {other!r} shard {other_name}/{key}")
+                        return (f"holds the bytes of {where} (swapped, moved or copied), so its rows would "
+                                f"be read as other records")
+        try:
+            arr[lo:hi]
+        except Exception as err:  # zarr and the codecs raise several types for damaged bytes
+            return _fails(err)
+        return "does not match the digest recorded when the store was written (rewritten or replaced)"
 
     def _corrupt(self, split: str, name: str, key: str, problem: str) -> StoreCorruptError:
         return StoreCorruptError(self.path, self.schema.kind, split, f"{name}/{key}", problem)
@@ -591,14 +735,16 @@ class RecordStore:
             raise KeyError(f"{self.schema.key} {key} not in split {split!r} of {self.path}") from None
 
 
-def _storage_files(arr: zarr.Array) -> list[tuple[int, int, str]]:
+def _storage_files(arr: zarr.Array, rows: tuple[int, int] | None = None) -> list[tuple[int, int, str]]:
     """``(first row, stop row, key)`` of every storage file (shard, or chunk of an unsharded array)
-    that ``arr``'s metadata implies, the key relative to the array's folder (e.g. ``c/3/0/0``)."""
+    that ``arr``'s metadata implies, the key relative to the array's folder (e.g. ``c/3/0/0``); with
+    ``rows = (a, b)``, only the files of shard rows ``a..b-1`` along the first axis (cheap per read)."""
     step = arr.shards or arr.chunks
     grid = [-(-size // chunk) for size, chunk in zip(arr.shape, step, strict=True)]
+    first = range(grid[0]) if rows is None else range(max(0, rows[0]), min(grid[0], rows[1]))
     return [
         (idx[0] * step[0], min((idx[0] + 1) * step[0], arr.shape[0]), arr.metadata.encode_chunk_key(idx))
-        for idx in itertools.product(*(range(g) for g in grid))
+        for idx in itertools.product(first, *(range(g) for g in grid[1:]))
     ]
 
 
@@ -609,11 +755,13 @@ def _fails(err: BaseException) -> str:
     return f"fails to decode ({type(err).__name__}{': ' + detail if detail else ''})"
 
 
-def open_responses(path: str | Path) -> RecordStore:
-    """Open a response store for reading (FileNotFoundError naming ``path`` if it is missing)."""
-    return RecordStore(path, RESPONSE_SCHEMA)
+def open_responses(path: str | Path, index: str | Path | None = None) -> RecordStore:
+    """Open a response store for reading (FileNotFoundError naming ``path`` if it is missing); with
+    ``index``, refuse a store built from another index (:meth:`RecordStore.require_index`)."""
+    return RecordStore(path, RESPONSE_SCHEMA, index)
 
 
-def open_pseudo_masks(path: str | Path) -> RecordStore:
-    """Open a pseudo-mask store for reading (FileNotFoundError naming ``path`` if it is missing)."""
-    return RecordStore(path, PSEUDO_MASK_SCHEMA)
+def open_pseudo_masks(path: str | Path, index: str | Path | None = None) -> RecordStore:
+    """Open a pseudo-mask store for reading (FileNotFoundError naming ``path`` if it is missing); with
+    ``index``, refuse a store built from another index (:meth:`RecordStore.require_index`)."""
+    return RecordStore(path, PSEUDO_MASK_SCHEMA, index)

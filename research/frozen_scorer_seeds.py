@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
 
 from pipeline import paths
 from pipeline.atomic import atomic_dir
@@ -31,7 +30,7 @@ from pipeline.data.index import load_index
 from pipeline.eval.clip_checks import masked_object_hits
 from pipeline.models.clip_artifact import FROZEN_SPEC_FILE, FROZEN_WEIGHTS_FILE, clip_spec, write_clip_spec
 from pipeline.models.clip_backbone import FrozenClip
-from pipeline.params import overlay, parse_params
+from pipeline.params import overlay, parse_params, read_params_yaml
 from pipeline.runtime import configure_threads, select_device
 from pipeline.train.clip_pretrain import pretrain_embedded_frozen_clip
 from research.ranking_by_family import FAMILIES, ranking_by_family
@@ -65,8 +64,7 @@ def main() -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--out-dir", type=Path, default=None, help="keep each scorer as OUT_DIR/seedN")
     args = parser.parse_args()
-    with open("params.yaml") as f:
-        raw = overlay(yaml.safe_load(f), scorer_override(args.kinds, args.pictures, args.epochs))
+    raw = overlay(read_params_yaml("params.yaml"), scorer_override(args.kinds, args.pictures, args.epochs))
     configure_threads(raw["base"]["threads"])  # as start_stage: float results depend on the thread count
     device = select_device(raw["base"]["device"])
     index = load_index(paths.INDEX)

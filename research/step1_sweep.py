@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from pipeline import paths
 from pipeline.atomic import atomic_dir
@@ -50,7 +49,7 @@ from pipeline.models.clip_artifact import (
     write_clip_spec,
 )
 from pipeline.models.step1 import TRISLocaliser
-from pipeline.params import Params, overlay, parse_params
+from pipeline.params import Params, overlay, parse_params, read_params_yaml
 from pipeline.responses import iter_responses
 from pipeline.runtime import configure_threads, seed_everything, select_device
 from pipeline.train.clip_pretrain import pretrain_embedded_clip
@@ -220,8 +219,7 @@ def main() -> None:
                              "CLIP folder's own; e.g. one of research.frozen_scorer_seeds --out-dir")
     args = parser.parse_args()
     plan = [parse_run(text) for text in args.runs]
-    with open("params.yaml") as f:
-        raw = yaml.safe_load(f)
+    raw = read_params_yaml("params.yaml")
     configure_threads(raw["base"]["threads"])  # as start_stage: float results depend on the thread count
     sweep = Sweep(raw, args.work, args.out, select_device(raw["base"]["device"]), args.epochs,
                   args.frozen)

@@ -3,7 +3,9 @@ each evaluation split, into one sharded Zarr v3 store (``artifacts/responses.zar
 keyed by ``sent_id`` and carrying what maps a response back onto its image.
 
 With ``base.nproc > 1`` the stage runs under torchrun and each rank dumps whole shards of the store
-(see :mod:`pipeline.store`); the store is the same as a single-process dump's.
+(see :mod:`pipeline.store`); the store is the same as a single-process dump's. The store records the
+fingerprint of the index it was dumped from, so that a later index (another seed) is refused by the
+stages that read it rather than scored against the wrong sentences.
 """
 
 
@@ -30,7 +32,7 @@ def main() -> None:
     _, probe = next(iter_responses(model, bank, first, 1, meta["max_tokens"], device, show_progress=False))
     attrs = {"input_size": [size, size], "model": "artifacts/step1/model.pt"}
     writer = RecordWriter(paths.RESPONSES, RESPONSE_SCHEMA, probe.shape[1:], params.dump.shard_size, attrs,
-                          dist=dist)
+                          dist=dist, index=paths.INDEX)  # readers refuse the store once the index changes
     with StageTimer("dump_responses"), writer:
         for split in splits:
             rows = split_sentences(index.images, index.sentences, split)

@@ -20,7 +20,7 @@ def main() -> None:
     p = params.evaluate
     index = load_index(paths.INDEX)
     eval_splits = require_eval_splits("evaluate_step1", index, params.data.eval_splits)
-    store = open_responses(paths.RESPONSES)
+    store = open_responses(paths.RESPONSES, index=paths.INDEX)  # refuses a store from another index
     gt = GroundTruth(index.refs)
     report, tables = {}, {}
     with StageTimer("evaluate_step1"):

@@ -2,9 +2,11 @@
 
 ``data.source: synthetic`` reads the synthesize stage's output; ``data.source: refer`` reads a real REFER
 download (RefCOCO, RefCOCO+, RefCOCOg, RefCLEF) from ``data.refer``. Structural faults (duplicate or
-non-integer ids, an image entry without a size, a file_name outside the image folder, code in the refs
-pickle) stop it in one line naming file, field and id; refs with bad ground truth are skipped and counted
-by reason in ``artifacts/index/report.json``; it also fails if nothing usable is left.
+non-integer ids or ids past int64, an image entry without a size, a file_name outside the image folder,
+code or a memory bomb in the refs pickle, text that is not Unicode, nesting past the limit) stop it in one
+line naming file, field and id; refs with bad ground truth (an unknown split name, an image outside the
+folder once symlinks are resolved, a bbox that does not bound the mask, an overlong sentence, ...) are
+skipped and counted by reason in ``artifacts/index/report.json``; it also fails if nothing usable is left.
 """
 
 import sys
@@ -33,7 +35,7 @@ def main() -> None:
         try:
             refs, instances = load_refer(root, dataset, split_by)
             tables, report = build_index(refs, instances, image_dir)
-        except (FileNotFoundError, ValueError) as err:
+        except (OSError, ValueError) as err:  # FileNotFoundError, PermissionError; every data fault
             sys.exit(f"index: {err}")
         print(format_report(report))
         if report["kept"]["refs"] == 0:

@@ -27,15 +27,16 @@ def main() -> None:
     p = params.pseudo_masks
     size = p.size
     index = load_index(paths.INDEX)
+    store = open_responses(paths.RESPONSES, index=paths.INDEX)  # refuses a store from another index
     train = split_sentences(index.images, index.sentences, "train")
     ref_order = np.sort(train["ref_id"].unique())  # the store's row order
     bank = ImageBank.from_index(index.images, size, workers=params.base.num_workers)
-    responses = load_split_responses(open_responses(paths.RESPONSES), "train")
+    responses = load_split_responses(store, "train")
     frozen = load_frozen_clip(paths.CLIP).to(device) if p.prms else None
     calibration_size = resolve_calibration_size(params.step1.calibration_size, frozen) if p.prms else 0
     attrs = {"input_size": [size, size], "refine": p.refine, "prms": p.prms, "threshold": p.threshold}
     writer = RecordWriter(paths.PSEUDO_MASKS, PSEUDO_MASK_SCHEMA, (size, size), p.shard_size, attrs,
-                          dist=dist)
+                          dist=dist, index=paths.INDEX)
     with StageTimer("make_pseudo_masks"), writer:
         writer.add_split("train", len(ref_order))
         ranges = writer.owned_ranges("train")  # this rank's objects: whole shards of the store

@@ -25,12 +25,15 @@ GALLERY_SAMPLE = 60
 
 def main() -> None:
     params, device = start_stage("report")
+    # both stores first: either one built from another index than artifacts/index is refused, before
+    # anything is written
+    masks = open_pseudo_masks(paths.PSEUDO_MASKS, index=paths.INDEX)
+    responses = open_responses(paths.RESPONSES, index=paths.INDEX)
     read = lambda name: json.loads((paths.REPORTS / name).read_text())  # noqa: E731
     metrics = combine_metrics(read("step1.json"), read("step2.json"), read("pseudo_masks.json"))
     write_json(paths.REPORTS / "metrics.json", metrics)
 
     index = load_index(paths.INDEX)
-    masks, responses = open_pseudo_masks(paths.PSEUDO_MASKS), open_responses(paths.RESPONSES)
     model, meta = load_segmenter(paths.STEP2 / "model.pt")
     sentences = index.sentences.set_index("sent_id")
     refs, images = index.refs.set_index("ref_id"), index.images.set_index("image_id")

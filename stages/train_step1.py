@@ -5,7 +5,9 @@ fingerprint of params, inputs and code. The output directory is a DVC
 ``persist`` out, so after a kill the next ``dvc repro`` continues from the last finished epoch (set
 ``step1.resume: false`` to always start over). A finished run deletes ``resume.pt``: a re-run, forced or
 after a code change, trains again instead of "resuming" after the last epoch.
-The final weights are ``model.pt`` (last epoch: model selection reads no ground truth).
+The final weights are ``model.pt`` (last epoch: model selection reads no ground truth). The previous
+``model.pt`` stays until the finished run's replaces it atomically: a killed run, or one stopped by a full
+disk (one line naming the file), leaves it, beside its ``resume.pt``.
 """
 
 import sys

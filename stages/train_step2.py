@@ -20,6 +20,7 @@ from pipeline.train.step2 import train_step2
 def main() -> None:
     params, device, dist = start_distributed_stage("train_step2")
     p = params.step2
+    store = open_pseudo_masks(paths.PSEUDO_MASKS, index=paths.INDEX)  # first: refuses masks of another index
     spec = read_clip_spec(paths.CLIP)
     meta = {"clip_name": spec["name"], "clip_tiny": spec["tiny"], "context_length": spec["context_length"],
             "max_tokens": params.model.max_tokens, "input_size": p.input_size,
@@ -30,7 +31,6 @@ def main() -> None:
                             resume=p.resume, dist=dist)
     index = load_index(paths.INDEX)
     train = split_sentences(index.images, index.sentences, "train")
-    store = open_pseudo_masks(paths.PSEUDO_MASKS)
     masks_by_ref = {int(r): store.get("train", int(r)) for r in store.ref_ids("train")}
     bank = ImageBank.from_index(index.images, p.input_size, workers=params.base.num_workers)
     model = ReferringSegmenter(ClipBackbone(load_clip(paths.CLIP)), p.fusion_dim, p.decoder_dim)

@@ -37,9 +37,10 @@ EXPECTED = {
                   "testA": {"images": 1, "refs": 1, "sentences": 1},
                   "testB": {"images": 1, "refs": 1, "sentences": 1}},
     "skipped": {"image_missing_from_instances": 1, "annotation_missing": 1, "annotation_from_other_image": 0,
-                "split_missing": 0, "image_missing_on_disk": 1, "image_unreadable": 1,
-                "image_size_mismatch": 1, "bbox_invalid": 0, "segmentation_invalid": 0,
-                "segmentation_empty": 0, "segmentation_outside_image": 0, "empty_sentence": 3,
+                "split_missing": 0, "split_unknown": 0, "image_outside_folder": 0, "image_missing_on_disk": 1,
+                "image_unreadable": 1, "image_size_mismatch": 1, "bbox_invalid": 0,
+                "bbox_not_bounding_mask": 0, "segmentation_invalid": 0, "segmentation_empty": 0,
+                "segmentation_outside_image": 0, "empty_sentence": 3, "sentence_too_long": 0,
                 "ref_without_sentences": 1},
     "sizes": {1: (64, 48), 2: (40, 30), 3: (36, 28), 4: (60, 40)},  # (width, height) as stored
     "areas": {101: 768.0, 102: 342.0, 201: 260.0, 301: 160.0, 401: 1120.0},

@@ -45,8 +45,8 @@ def test_counts_and_skip_report(built):
     assert report["kept"] == EXPECTED["kept"]
     assert report["per_split"] == EXPECTED["per_split"]
     assert report["skipped"] == EXPECTED["skipped"]
-    assert report["skipped_images"] == {"image_missing_on_disk": 1, "image_unreadable": 1,
-                                        "image_size_mismatch": 1}
+    assert report["skipped_images"] == {"image_outside_folder": 0, "image_missing_on_disk": 1,
+                                        "image_unreadable": 1, "image_size_mismatch": 1}
     assert report["examples"]["image_unreadable"] == [501]
     assert report["examples"]["ref_without_sentences"] == [104]
     assert {name: t.num_rows for name, t in tables.items()} == {"images": 4, "refs": 5, "sentences": 6}

@@ -139,7 +139,9 @@ def test_non_finite_loss_stops_before_the_checkpoint(tmp_path):
     assert not path.exists()
 
 
-def test_start_clears_the_old_model_and_an_unwanted_resume_file(tmp_path):
+def test_start_keeps_the_old_model_until_a_run_finishes_and_clears_an_unwanted_resume_file(tmp_path):
+    """The previous ``model.pt`` stays until a finished run replaces it (a full disk or a kill mid-run
+    must not lose it); ``resume.pt`` beside it says a newer run is unfinished."""
     out = tmp_path / "step"
     out.mkdir()
     (out / "model.pt").write_bytes(b"old")
@@ -147,7 +149,7 @@ def test_start_clears_the_old_model_and_an_unwanted_resume_file(tmp_path):
     stage.write_text("")
     run = TrainingRun.start("toy", out, config={"lr": 1}, inputs=[], stage_script=stage, resume=True)
     fit(ToyTraining(epochs=1), run)
-    assert not (out / "model.pt").exists() and (out / "resume.pt").is_file()
+    assert (out / "model.pt").read_bytes() == b"old" and (out / "resume.pt").is_file()
     again = TrainingRun.start("toy", out, config={"lr": 1}, inputs=[], stage_script=stage, resume=True)
     assert again.resuming and again.fingerprint == run.fingerprint
     assert not TrainingRun.start("toy", out, config={"lr": 2}, inputs=[], stage_script=stage,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.params import overlay
+from pipeline.params import overlay, read_params_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def stage_names() -> list[str]:
 
 def write_params(workdir: Path, override: dict | None = None) -> None:
     """``params.yaml`` of the tiny config (plus ``override``) in ``workdir``."""
-    params = overlay(overlay(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), override or {})
+    params = overlay(overlay(read_params_yaml(ROOT / "params.yaml"), TINY), override or {})
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

@@ -10,6 +10,19 @@ the space COCO/REFER annotations were drawn in (their tooling reads stored pixel
 transpose), so pixels and masks agree for all eight orientations and for square images, where a
 rotation would not even change the size. ``exif_transpose=True`` gives the upright, displayed image; it
 is for a user's own photo in ``pipeline.predict``, never for indexed data.
+
+High bit depths (greyscale only; PIL has no 16/32-bit colour modes) map to 8 bits by what the values
+can mean, never by clipping, which turned every 32-bit image white:
+
+- 16-bit (``I;16*``, or ``I`` declared or found within 0..65535, as older Pillow opens 16-bit PNGs):
+  ``v * 255 / 65535``, the full 16-bit range.
+- 32-bit integer (``I`` with values outside 0..65535 or a TIFF declaring 32 bits per sample): no display
+  range of its own, so the image's actual range ``[min, max]`` maps to ``[0, 255]`` (rounded).
+- 32-bit float (``F``): values within ``[0, 1]`` are the float convention, ``v * 255`` (rounded);
+  otherwise the actual range maps to ``[0, 255]`` as for integers. NaN or infinite values make the file
+  unreadable (:class:`UnreadableImageError`), at the index already.
+
+A constant image outside those conventions has no range to stretch and reads as black.
 """
 
 from __future__ import annotations
@@ -34,15 +47,50 @@ def _load(path: Path) -> Image.Image:
         image.load()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise UnreadableImageError(f"{path}: cannot decode image ({err})") from err
+    if image.mode == "F" and not np.isfinite(np.asarray(image)).all():
+        raise UnreadableImageError(f"{path}: 32-bit float image with NaN or infinite pixel values, which "
+                                   "have no grey level")
     return image
 
 
+def _declared_bits(image: Image.Image) -> int | None:
+    """Bits per sample a TIFF declares (tag 258), else None."""
+    bits = getattr(image, "tag_v2", {}).get(258)
+    if isinstance(bits, tuple | list):
+        bits = bits[0] if bits else None
+    return bits if isinstance(bits, int) else None
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    """The image's actual range ``[min, max]`` onto ``[0, 255]``; a constant image is black."""
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, np.uint8)
+    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Mode ``L`` of a 16/32-bit integer or 32-bit float greyscale image (rules: module docstring)."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        grey = np.clip(values * (255.0 / 65535.0), 0, 255).astype(np.uint8)
+    elif image.mode == "F":
+        in_unit = values.size == 0 or (values.min() >= 0.0 and values.max() <= 1.0)
+        grey = np.rint(values * 255.0).astype(np.uint8) if in_unit else _stretch(values)
+    else:  # "I": 32-bit signed integers, or 16-bit data opened as I
+        in_16 = values.size == 0 or (values.min() >= 0 and values.max() <= 65535)
+        if in_16 and _declared_bits(image) != 32:
+            grey = np.clip(values * (255.0 / 65535.0), 0, 255).astype(np.uint8)
+        else:
+            grey = _stretch(values)
+    return Image.fromarray(grey)  # uint8, 2-D: mode L
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB view of any PIL mode; 16/32-bit greyscale is rescaled rather than clipped to white."""
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if image.mode != "F" else 255.0
-        image = Image.fromarray(np.clip(values * scale, 0, 255).astype(np.uint8), mode="L")
+    """RGB view of any PIL mode; 16/32-bit greyscale is rescaled (see the module docstring), never
+    clipped to white."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        image = _to_8bit(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return image if image.mode == "RGB" else image.convert("RGB")

@@ -5,10 +5,31 @@ hours later. Structural faults (non-integer or duplicate ids, image entries with
 ``file_name`` outside the image folder, a refs pickle that names code) stop
 :func:`pipeline.data.refer.load_refer` with the file, field and id named. Faults in one object's
 ground truth are skipped and counted by reason in ``report.json``: refs whose image is unknown, missing
-on disk, unreadable or of a different size than ``instances.json`` says; whose annotation is missing or
-belongs to another image; whose ``split`` is not a name; whose bbox is not inside the image; whose mask
-is invalid (RLE counts that do not decode), empty (a zero-area polygon) or outside the image; and empty
-sentences.
+on disk, outside the image folder once symlinks are resolved, unreadable or of a different size than
+``instances.json`` says; whose annotation is missing or belongs to another image; whose ``split`` is not
+a name, or not one of REFER's split names (:data:`KNOWN_SPLITS`, exactly: ``"Train "`` is not
+``train``); whose bbox is not inside the image or does not bound the mask; whose mask is invalid (RLE
+counts that do not decode), empty (a zero-area polygon) or outside the image; and empty sentences or
+sentences longer than :data:`MAX_SENTENCE_CHARS`.
+
+Rules and why:
+
+- ``split_unknown``: ``data.eval_splits: auto`` evaluates every non-train split the index has, so a
+  stray name (``"Train "``, ``"VAL"``) would become an extra evaluated split and take its refs out of
+  training. Such refs are skipped, not renamed: a guess at what was meant could put test refs into
+  training. The example names the split, the known ones and the near miss (``did you mean 'train'``).
+- ``image_outside_folder``: ``image_dir / file_name`` is resolved (symlinks followed, in the file's
+  directories too) and must lie inside the resolved image folder, or the image is never opened. An image
+  folder that is itself a symlink is fine; images that are symlinks into a cache elsewhere (a DVC or
+  git-annex symlink cache) are skipped: copy or hard-link them.
+- ``bbox_not_bounding_mask``: PointIt and Acc_box score against the annotation's bbox (the ``bbox``
+  column), the mask metrics against the mask; a ref whose bbox does not hold its mask cannot be right in
+  both, so it is skipped. The mask's tight box (pixel edges) must lie within the bbox grown by
+  :data:`BBOX_MASK_TOLERANCE` pixels on each side (rasterising a polygon reaches at most 0.5 px past its
+  vertices). A bbox larger than the mask is kept: COCO's boxes may be looser than the mask.
+- ``sentence_too_long``: the CLIP tokenizer is quadratic in word length (one 50,000-letter word takes
+  17 s, one 1,000-letter word 0.15 s), so a sentence over :data:`MAX_SENTENCE_CHARS` characters is
+  skipped; no REFER sentence comes near it (they stay under about 300).
 
 Pixels and masks share one space: the image as stored, without EXIF orientation (the COCO/REFER
 convention; see :mod:`pipeline.data.images`). An EXIF-rotated image whose ``instances.json`` size is
@@ -22,8 +43,9 @@ in :mod:`pipeline.data.tables`):
 - ``sentences.parquet``: sent_id int64, ref_id int64, image_id int64, split string, text string
 
 ``report.json`` counts kept images / refs / sentences per split and skipped items by reason. Units:
-``empty_sentence`` counts sentences, every other reason counts refs; ``skipped_images`` counts distinct
-images per image reason. ``examples`` lists up to five ref ids (with the problem) per reason.
+``empty_sentence`` and ``sentence_too_long`` count sentences, every other reason counts refs;
+``skipped_images`` counts distinct images per image reason. ``examples`` lists up to five ref ids (with
+the problem) per reason.
 """
 
 from __future__ import annotations
@@ -53,22 +75,33 @@ SKIP_REASONS = (
     "annotation_missing",
     "annotation_from_other_image",
     "split_missing",
+    "split_unknown",
+    "image_outside_folder",
     "image_missing_on_disk",
     "image_unreadable",
     "image_size_mismatch",
     "bbox_invalid",
+    "bbox_not_bounding_mask",
     "segmentation_invalid",
     "segmentation_empty",
     "segmentation_outside_image",
     "empty_sentence",
+    "sentence_too_long",
     "ref_without_sentences",
 )
-IMAGE_REASONS = ("image_missing_on_disk", "image_unreadable", "image_size_mismatch")
-_SPLIT_ORDER = {"train": 0, "val": 1, "test": 2, "testA": 3, "testB": 4, "testC": 5}
+IMAGE_REASONS = ("image_outside_folder", "image_missing_on_disk", "image_unreadable", "image_size_mismatch")
+# The split names of REFER's releases (RefCOCO/+ unc: train val testA testB; RefCOCOg umd: train val test,
+# google: train val; RefCLEF unc adds testC, berkeley: train val test), in the order splits are listed.
+KNOWN_SPLITS = ("train", "val", "test", "testA", "testB", "testC")
+_SPLIT_ORDER = {name: i for i, name in enumerate(KNOWN_SPLITS)}
 _MAX_EXAMPLES = 5
 # How far (pixels) a bbox or polygon vertex may reach past the image border: COCO coordinates are floats
 # and annotation tools round, so a vertex at x = width + 0.5 is a border pixel, not an error.
 BORDER_TOLERANCE = 1.0
+# How far (pixels) the mask's tight box may reach past the bbox on each side (rasterising reaches 0.5).
+BBOX_MASK_TOLERANCE = 2.0
+# The longest sentence kept, in characters (bounds the tokenizer's time; REFER's stay under ~300).
+MAX_SENTENCE_CHARS = 1000
 
 
 class GroundTruthError(ValueError):
@@ -124,12 +157,32 @@ def check_bbox(bbox: Any, height: int, width: int) -> list[float]:
     """
     try:
         x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError) as err:
-        raise GroundTruthError("bbox_invalid", f"bbox {bbox!r} is not four numbers") from err
+    except (TypeError, ValueError, OverflowError) as err:
+        raise GroundTruthError("bbox_invalid", f"bbox {_short(bbox)} is not four numbers") from err
     if not (w > 0 and h > 0 and _inside([x, x + w], width) and _inside([y, y + h], height)):
-        raise GroundTruthError("bbox_invalid", f"bbox {bbox!r} is not a non-empty box inside the "
+        raise GroundTruthError("bbox_invalid", f"bbox {_short(bbox)} is not a non-empty box inside the "
                                                f"{width}x{height} image")
     return [x, y, w, h]
+
+
+def check_bbox_bounds_mask(bbox: list[float], rle: dict) -> None:
+    """:class:`GroundTruthError` unless the mask's tight box lies within ``bbox`` grown by
+    :data:`BBOX_MASK_TOLERANCE` on each side (the box metrics score against ``bbox``, the mask metrics
+    against the mask: they must describe one object)."""
+    mx, my, mw, mh = (float(v) for v in mask_utils.toBbox(rle))
+    x, y, w, h = bbox
+    t = BBOX_MASK_TOLERANCE
+    if mx < x - t or my < y - t or mx + mw > x + w + t or my + mh > y + h + t:
+        raise GroundTruthError("bbox_not_bounding_mask",
+                               f"bbox {[round(v, 2) for v in bbox]} does not bound the mask, whose box is "
+                               f"{[round(v, 2) for v in (mx, my, mw, mh)]} (tolerance {t:g} px)")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a hostile value can be long)."""
+    text = repr(value) if not isinstance(value, list | tuple) or len(value) <= 16 else \
+        f"{type(value).__name__} of {len(value)} items"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def decode_mask(row: Mapping[str, Any]) -> np.ndarray:
@@ -138,34 +191,64 @@ def decode_mask(row: Mapping[str, Any]) -> np.ndarray:
                        "counts": str(row["mask_counts"]).encode("ascii")})
 
 
-def _probe_image(path: Path, expected: tuple[int, int]) -> tuple[str | None, tuple[int, int] | None]:
-    """``(skip_reason or None, decoded (width, height) or None)`` for one image file."""
+@dataclass(frozen=True)
+class _Probe:
+    """What probing one image found: a skip reason (or None), its decoded (width, height) (or None), and
+    for ``image_outside_folder`` where the path really leads."""
+
+    reason: str | None
+    size: tuple[int, int] | None = None
+    detail: str = ""
+
+
+def _probe_image(folder: Path, file_name: str, expected: tuple[int, int]) -> _Probe:
+    """Probe ``folder / file_name`` (``folder`` already resolved): inside the folder once resolved, then
+    decoded fully. Only the resolved path is opened, so a symlink out of the folder is never read."""
     try:
-        size = decoded_size(path)
+        real = (folder / file_name).resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, an embedded NUL
+        return _Probe("image_missing_on_disk")
+    if not real.is_relative_to(folder):
+        return _Probe("image_outside_folder", detail=f"{file_name!r} resolves to {real}, outside {folder}")
+    try:
+        size = decoded_size(real)
     except FileNotFoundError:
-        return "image_missing_on_disk", None
+        return _Probe("image_missing_on_disk")
     except UnreadableImageError:
-        return "image_unreadable", None
-    return ("image_size_mismatch" if size != expected else None), size
+        return _Probe("image_unreadable")
+    return _Probe("image_size_mismatch" if size != expected else None, size)
 
 
-def _sentence_rows(ref: dict) -> tuple[list[dict], int]:
-    """Sentence rows of one ref and how many sentences were empty (skipped)."""
-    rows, empty = [], 0
+def _sentence_text(sent: Any) -> Any:
+    """The text stored for one REFER sentence: its cleaned ``sent``, else ``raw`` (the rule
+    :func:`pipeline.data.refer.sentence_text` checks; not imported, so that the stages reading the index
+    do not depend on the REFER reader)."""
+    if not isinstance(sent, dict):
+        return None
+    text = sent.get("sent")
+    return sent.get("raw") if text is None else text
+
+
+def _sentence_rows(ref: dict) -> tuple[list[dict], int, list[str]]:
+    """Sentence rows of one ref, how many sentences were empty, and one line per sentence longer than
+    :data:`MAX_SENTENCE_CHARS` (all skipped)."""
+    rows, empty, too_long = [], 0, []
     sent_ids = ref.get("sent_ids") or []
     for k, sent in enumerate(ref["sentences"]):
-        text = sent.get("sent") if isinstance(sent, dict) else None
-        if text is None and isinstance(sent, dict):
-            text = sent.get("raw")
+        text = _sentence_text(sent)
         if not isinstance(text, str) or not text.strip():
             empty += 1
             continue
         sent_id = sent.get("sent_id", sent_ids[k] if k < len(sent_ids) else None)
         if sent_id is None:
             raise ValueError(f"ref {ref['ref_id']}: sentence {k} has no sent_id")
+        if len(text) > MAX_SENTENCE_CHARS:
+            too_long.append(f"{ref['ref_id']}: sentence {sent_id} has {len(text)} characters "
+                            f"(limit {MAX_SENTENCE_CHARS})")
+            continue
         rows.append({"sent_id": int(sent_id), "ref_id": int(ref["ref_id"]), "image_id": int(ref["image_id"]),
                      "split": str(ref["split"]), "text": text})
-    return rows, empty
+    return rows, empty, too_long
 
 
 def _ref_row(ref: dict, ann: dict, image: dict, categories: dict[int, str]) -> dict:
@@ -182,7 +265,11 @@ def _ref_row(ref: dict, ann: dict, image: dict, categories: dict[int, str]) -> d
     bbox = ann.get("bbox")
     if bbox is not None and not (isinstance(bbox, list | tuple) and len(bbox) == 4):
         bbox = None  # malformed rather than wrong: fall back to the mask's box, as before
-    bbox = mask_utils.toBbox(rle).tolist() if bbox is None else check_bbox(bbox, height, width)
+    if bbox is None:
+        bbox = mask_utils.toBbox(rle).tolist()
+    else:
+        bbox = check_bbox(bbox, height, width)
+        check_bbox_bounds_mask(bbox, rle)
     category_id = int(ann.get("category_id", ref.get("category_id", 0)))  # the annotation is authoritative
     return {"ref_id": int(ref["ref_id"]), "ann_id": int(ref["ann_id"]), "image_id": int(ref["image_id"]),
             "split": str(ref["split"]), "category_id": category_id,
@@ -201,6 +288,24 @@ def split_names(index: Index) -> list[str]:
     return sorted({str(s) for s in index.refs["split"]}, key=_split_key)
 
 
+def _split_problem(split: Any) -> tuple[str, str] | None:
+    """``(skip reason, what is wrong)`` for a ref's ``split`` that is not one of :data:`KNOWN_SPLITS`."""
+    if not isinstance(split, str) or not split.strip():
+        return "split_missing", f"split {_short(split)}"
+    if split in _SPLIT_ORDER:
+        return None
+    near = next((k for k in KNOWN_SPLITS if k.lower() == split.strip().lower()), None)
+    hint = f" (did you mean {near!r}?)" if near else ""
+    return "split_unknown", f"split {_short(split)} is not one of {', '.join(KNOWN_SPLITS)}{hint}"
+
+
+def _printable(example: Any) -> Any:
+    """An example as report.json can hold it: ints as they are, text with lone surrogates escaped."""
+    if isinstance(example, int):
+        return example
+    return str(example).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def build_index(refs: list[dict], instances: dict, image_dir: str | Path,
                 workers: int = 8) -> tuple[dict[str, pa.Table], dict]:
     """Join refs, annotations and decoded image sizes into the three tables plus a skip report.
@@ -211,6 +316,7 @@ def build_index(refs: list[dict], instances: dict, image_dir: str | Path,
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"{image_dir}: image directory not found")
+    folder = image_dir.resolve()
     images = {int(im["id"]): im for im in instances["images"]}
     anns = {int(a["id"]): a for a in instances["annotations"]}
     categories = {int(c["id"]): str(c["name"]) for c in instances.get("categories", [])}
@@ -220,7 +326,7 @@ def build_index(refs: list[dict], instances: dict, image_dir: str | Path,
     def skip(reason: str, ident: Any, n: int = 1) -> None:
         skipped[reason] += n
         if len(examples[reason]) < _MAX_EXAMPLES:
-            examples[reason].append(ident)
+            examples[reason].append(_printable(ident))
 
     candidates = []
     for ref in refs:
@@ -232,34 +338,36 @@ def build_index(refs: list[dict], instances: dict, image_dir: str | Path,
         elif int(anns[ann_id].get("image_id", image_id)) != image_id:
             skip("annotation_from_other_image", f"{ref['ref_id']}: annotation {ann_id} is on image "
                                                 f"{anns[ann_id]['image_id']}, not {image_id}")
-        elif not isinstance(ref["split"], str) or not ref["split"].strip():
-            skip("split_missing", f"{ref['ref_id']}: split {ref['split']!r}")
+        elif (problem := _split_problem(ref["split"])) is not None:
+            skip(problem[0], f"{ref['ref_id']}: {problem[1]}")
         else:
             candidates.append(ref)
 
     image_ids = sorted({int(r["image_id"]) for r in candidates})
 
-    def probe(image_id: int) -> tuple[str | None, tuple[int, int] | None]:
+    def probe(image_id: int) -> _Probe:
         im = images[image_id]
-        return _probe_image(image_dir / im["file_name"], (int(im["width"]), int(im["height"])))
+        return _probe_image(folder, im["file_name"], (int(im["width"]), int(im["height"])))
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         probed = dict(zip(image_ids, pool.map(probe, image_ids), strict=True))
     skipped_images = Counter({r: 0 for r in IMAGE_REASONS})
-    for reason, _ in probed.values():
-        if reason is not None:
-            skipped_images[reason] += 1
+    for found in probed.values():
+        if found.reason is not None:
+            skipped_images[found.reason] += 1
 
     ref_rows, sent_rows = [], []
     for ref in candidates:
         image_id = int(ref["image_id"])
-        reason, _ = probed[image_id]
-        if reason is not None:
-            skip(reason, ref["ref_id"])
+        found = probed[image_id]
+        if found.reason is not None:
+            skip(found.reason, f"{ref['ref_id']}: {found.detail}" if found.detail else ref["ref_id"])
             continue
-        sentences, empty = _sentence_rows(ref)
+        sentences, empty, too_long = _sentence_rows(ref)
         if empty:
             skip("empty_sentence", ref["ref_id"], empty)
+        for line in too_long:
+            skip("sentence_too_long", line)
         if not sentences:
             skip("ref_without_sentences", ref["ref_id"])
             continue
@@ -268,8 +376,8 @@ def build_index(refs: list[dict], instances: dict, image_dir: str | Path,
         except GroundTruthError as err:
             skip(err.reason, f"{ref['ref_id']}: {err}")
             continue
-        except (ValueError, TypeError, KeyError) as err:
-            skip("segmentation_invalid", f"{ref['ref_id']}: {err}")
+        except (ValueError, TypeError, KeyError, OverflowError) as err:
+            skip("segmentation_invalid", f"{ref['ref_id']}: {str(err)[:200]}")
             continue
         ref_rows.append(row)
         sent_rows.extend(sentences)
@@ -279,7 +387,7 @@ def build_index(refs: list[dict], instances: dict, image_dir: str | Path,
     kept_image_ids = sorted({r["image_id"] for r in ref_rows})
     image_rows = [{"image_id": i, "file_name": str(images[i]["file_name"]),
                    "path": (image_dir / images[i]["file_name"]).as_posix(),
-                   "width": probed[i][1][0], "height": probed[i][1][1]} for i in kept_image_ids]
+                   "width": probed[i].size[0], "height": probed[i].size[1]} for i in kept_image_ids]
     ref_rows.sort(key=lambda r: r["ref_id"])
     sent_rows.sort(key=lambda r: r["sent_id"])
     tables = {"images": table_from_rows("images", image_rows), "refs": table_from_rows("refs", ref_rows),

@@ -33,7 +33,8 @@ def eval_splits_problem(eval_splits: Sequence[str], available: Sequence[str]) ->
 
 def resolve_eval_splits(eval_splits: str | Sequence[str], available: Sequence[str]) -> list[str]:
     """The splits to evaluate: ``auto`` is every available split but ``train``, in ``available``'s order
-    (the index orders them val, test, testA, testB, testC, then the rest); a list is taken as it is."""
+    (the index orders them val, test, testA, testB, testC; it keeps no other split name, see
+    ``split_unknown`` in :mod:`pipeline.data.index`); a list is taken as it is."""
     if isinstance(eval_splits, str):
         if eval_splits != "auto":
             raise ValueError(f"data.eval_splits: {eval_splits!r} is neither 'auto' nor a list of splits")

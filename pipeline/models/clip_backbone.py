@@ -16,11 +16,16 @@ by the calibration loss (Eq. 8-9) and PRMS (Eq. 10).
 
 from __future__ import annotations
 
+import ast
+import io
 import math
 import os
-import warnings
+import pickle
+import re
 import zipfile
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import open_clip
 import torch
@@ -29,6 +34,8 @@ from open_clip.model import CLIP, build_model_from_openai_state_dict
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer, text_global_pool
 from torch import nn
+
+from pipeline.atomic import CheckpointError
 
 CLIP_CONTEXT_LENGTH = 77
 """Text context of the released CLIPs (open_clip's default); the tiny CLIP is built at model.max_tokens."""
@@ -86,8 +93,11 @@ def _is_torchscript_archive(path: str) -> bool:
     """OpenAI's released ``RN50.pt`` etc. are TorchScript zips; they carry a ``constants.pkl`` member."""
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as zf:
-        return any(n.endswith("constants.pkl") for n in zf.namelist())
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("constants.pkl") for n in zf.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):  # a torn zip: the checkpoint loader names it
+        return False
 
 
 def build_clip(
@@ -105,10 +115,13 @@ def build_clip(
     * ``pretrained`` None / "" / "none": random initialisation.
     * ``pretrained`` an existing file: for an OpenAI TorchScript archive (``RN50.pt``) the architecture is
       inferred from the weights as ``open_clip.load_openai_model`` does (QuickGELU; ``name`` only matters
-      for the tiny models). Any other file (plain state dict, or an open_clip training checkpoint
-      ``{'state_dict': ...}`` with or without ``module.`` prefixes) goes through
-      ``open_clip.load_checkpoint`` into the named architecture; plain OpenAI state dicts need the
-      ``-quickgelu`` architecture name to reproduce CLIP exactly.
+      for the tiny models); the archive's weights are read without running it
+      (:func:`read_torchscript_state_dict`). Any other file (plain state dict, or an open_clip training
+      checkpoint ``{'state_dict': ...}`` with or without ``module.`` prefixes) goes through
+      ``open_clip.load_checkpoint`` (weights-only) into the named architecture; plain OpenAI state dicts
+      need the ``-quickgelu`` architecture name to reproduce CLIP exactly. A file that is torn, not a
+      checkpoint, or holds weights of another architecture raises a one-line :class:`CheckpointError`
+      naming it.
     * otherwise ``pretrained`` is an open_clip pretrained tag, which only resolves from a local cache.
     """
     tiny_name = name in (TINY_RN, TINY_VIT)
@@ -116,18 +129,7 @@ def build_clip(
     if pretrained in _NO_WEIGHTS:
         model = _build_architecture(name, tiny, context_length) if tiny_name else open_clip.create_model(name)
     elif os.path.isfile(pretrained):
-        if _is_torchscript_archive(pretrained):
-            state = _torchscript_state_dict(pretrained)
-            if tiny_name:
-                model = _build_architecture(name, tiny, context_length)
-                model.load_state_dict(state)
-            else:  # what open_clip.load_openai_model does, minus its device/precision handling
-                model = build_model_from_openai_state_dict(state, cast_dtype=None)
-        elif tiny_name:
-            model = _build_architecture(name, tiny, context_length)
-            open_clip.load_checkpoint(model, pretrained)
-        else:
-            model = open_clip.create_model(name, pretrained=pretrained)
+        model = _load_local_weights(name, pretrained, tiny, context_length)
     elif tiny_name:
         raise FileNotFoundError(f"weights file {pretrained!r} for the tiny CLIP does not exist")
     else:
@@ -144,13 +146,287 @@ def build_clip(
     return model.float()
 
 
+def _load_local_weights(name: str, path: str, tiny: dict | None, context_length: int) -> nn.Module:
+    """The CLIP ``name`` with the weights of the local file ``path`` (see :func:`build_clip`); any
+    failure is one :class:`CheckpointError` line naming the file and what is wrong with it (a truncated
+    ``clip.pt`` otherwise ends in torch's raw ``PytorchStreamReader failed reading zip archive``)."""
+    tiny_name = name in (TINY_RN, TINY_VIT)
+    try:
+        if _is_torchscript_archive(path):
+            state = _torchscript_state_dict(path)
+            if tiny_name:
+                model = _build_architecture(name, tiny, context_length)
+                model.load_state_dict(state)
+                return model
+            # what open_clip.load_openai_model does, minus its device/precision handling
+            return build_model_from_openai_state_dict(state, cast_dtype=None)
+        if tiny_name:
+            model = _build_architecture(name, tiny, context_length)
+            open_clip.load_checkpoint(model, path)
+            return model
+        return open_clip.create_model(name, pretrained=path)
+    except (CheckpointError, MemoryError):
+        raise
+    except Exception as err:  # torch.load, open_clip and load_state_dict raise many types
+        detail = " ".join(str(err).split()) or type(err).__name__
+        detail = detail[:300] + ("..." if len(detail) > 300 else "")
+        if "Error(s) in loading state_dict" in detail or "size mismatch" in detail:
+            raise CheckpointError(f"{path}: its weights do not fit the {name} CLIP ({detail})") from err
+        first = detail.split(". ")[0]  # torch's first sentence says what failed; the rest is advice
+        raise CheckpointError(f"{path}: not a loadable CLIP checkpoint (torn, truncated or not a weights "
+                              f"file: {first})") from err
+
+
 def _torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Weights of a TorchScript CLIP, minus the metadata and causal mask that scripting also stores."""
-    with warnings.catch_warnings():  # torch.jit.load is deprecated, but OpenAI's archives need it
-        warnings.simplefilter("ignore", FutureWarning)
-        state = dict(torch.jit.load(path, map_location="cpu").state_dict())
+    state = read_torchscript_state_dict(path)
     for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
         state.pop(key, None)
+    return state
+
+
+# --------------------------------------------------------------------- TorchScript weights, code unrun
+# A TorchScript archive is a zip: <prefix>/data.pkl pickles the module tree (each module a
+# ``__torch__.<qualified name>`` object whose pickled state is its attributes: parameters, buffers,
+# submodules, plain values), <prefix>/data/<key> holds the tensor storages the pickle refers to by
+# persistent id, and <prefix>/code/ holds the modules' TorchScript source. ``torch.jit.load`` compiles
+# that source and runs each class's ``__setstate__`` on its pickled state: a weights file that runs
+# code. The reader below unpickles data.pkl with every ``__torch__`` class replaced by an inert
+# container, storages read from the zip, and any other global refused; the source is only read as
+# text for each class's ``__parameters__`` / ``__buffers__`` lists (the names ``state_dict`` reports).
+
+_TS_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+
+
+def _identity_list(data: list) -> list:
+    return data
+
+
+def _restore_type_tag(value: object, type_str: str) -> object:
+    return value
+
+
+_TS_PLAIN_GLOBALS: dict[tuple[str, str], Callable[..., Any]] = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("torch.jit._pickle", "restore_type_tag"): _restore_type_tag,
+    ("torch.jit._pickle", "build_intlist"): _identity_list,
+    ("torch.jit._pickle", "build_doublelist"): _identity_list,
+    ("torch.jit._pickle", "build_boollist"): _identity_list,
+    ("torch.jit._pickle", "build_tensorlist"): _identity_list,
+}
+_TS_MAX_DEPTH = 64  # module nesting; CLIP's is under 10
+_TS_MAX_VISITS = 1_000_000  # module visits while flattening (shared submodules are visited per name)
+
+
+class _ScriptObject:
+    """An inert stand-in for one TorchScript object: keeps the state the archive pickled for it and
+    has no behaviour (the archive's ``__setstate__`` is never called)."""
+
+    qualname = ""
+    state: object = None  # until the pickle's BUILD gives it one
+
+    def __init__(self, *args: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+class _StorageType:
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+
+class _TorchScriptUnpickler(pickle.Unpickler):
+    """Unpickles a TorchScript data.pkl into :class:`_ScriptObject` trees of tensors, running nothing."""
+
+    def __init__(self, zf: zipfile.ZipFile, prefix: str, path: str) -> None:
+        super().__init__(io.BytesIO(_read_member(zf, f"{prefix}/data.pkl", path)))
+        self.zf, self.prefix, self.path = zf, prefix, path
+        self.archive_size = os.path.getsize(path)
+        self.classes: dict[str, type[_ScriptObject]] = {}
+        self.storages: dict[str, torch.Tensor] = {}
+
+    def _refuse(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: TorchScript archive {what}; its weights were not read "
+                               "(nothing in it was run)")
+
+    def find_class(self, module: str, name: str) -> Any:
+        qualname = f"{module}.{name}"
+        if module == "__torch__" or module.startswith("__torch__."):
+            if module.startswith("__torch__.torch.classes"):
+                raise self._refuse(f"holds a custom C++ class {qualname}, which only its code can read")
+            if qualname not in self.classes:
+                self.classes[qualname] = type(name, (_ScriptObject,), {"qualname": qualname})
+            return self.classes[qualname]
+        if module == "torch" and name in _TS_STORAGE_DTYPES:
+            return _StorageType(_TS_STORAGE_DTYPES[name])
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return self._rebuild_tensor
+        if (module, name) in _TS_PLAIN_GLOBALS:
+            return _TS_PLAIN_GLOBALS[(module, name)]
+        raise self._refuse(f"refers to {qualname}, which is not plain tensor data")
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int)):
+            raise self._refuse(f"has a storage reference {pid!r:.80} of an unknown form")
+        storage_type, key, numel = pid[1], pid[2], pid[4]
+        if key in self.storages:
+            return self.storages[key]
+        member = f"{self.prefix}/data/{key}"
+        try:
+            info = self.zf.getinfo(member)
+        except KeyError:
+            raise self._refuse(f"lacks the storage {member}") from None
+        itemsize = torch.empty((), dtype=storage_type.dtype).element_size()
+        if info.file_size > self.archive_size or info.file_size != numel * itemsize:
+            raise self._refuse(f"storage {member} holds {info.file_size} bytes, not the {numel} x "
+                               f"{itemsize} its reference says (torn?)")
+        raw = bytearray(info.file_size)
+        with self.zf.open(info) as fh:  # read into place: one copy of the weights, CRC checked
+            if fh.readinto(raw) != info.file_size or fh.read(1):
+                raise self._refuse(f"storage {member} is torn")
+        dtype = storage_type.dtype
+        base = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        self.storages[key] = base
+        return base
+
+    def _rebuild_tensor(self, storage: object, offset: object, size: object, stride: object,
+                        requires_grad: object = False, backward_hooks: object = None,
+                        metadata: object = None) -> torch.Tensor:
+        ints = (offset, *size, *stride) if isinstance(size, tuple) and isinstance(stride, tuple) else None
+        if not isinstance(storage, torch.Tensor) or ints is None or len(size) != len(stride) \
+                or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ints):
+            raise self._refuse("rebuilds a tensor from arguments that are not a storage, offset, size "
+                               "and stride")
+        if math.prod(size) > max(storage.numel(), 1):  # no view claiming more elements than are stored
+            raise self._refuse(f"has a tensor of size {list(size)} over a storage of {storage.numel()}")
+        try:
+            return storage.as_strided(size, stride, offset)
+        except RuntimeError as err:
+            raise self._refuse(f"has a tensor outside its storage ({' '.join(str(err).split())[:120]})") \
+                from err
+
+
+def _read_member(zf: zipfile.ZipFile, member: str, path: str) -> bytes:
+    """A zip member's bytes, refusing one that would inflate past the archive's own size (torch stores
+    members uncompressed, so only a zip bomb's would)."""
+    if zf.getinfo(member).file_size > os.path.getsize(path):
+        raise CheckpointError(f"{path}: TorchScript archive member {member} inflates past the archive's "
+                              "size; not read")
+    return zf.read(member)
+
+
+def _declared_state(zf: zipfile.ZipFile, prefix: str, qualname: str, path: str,
+                    cache: dict[str, tuple[bool, list[str] | None]]) -> tuple[bool, list[str] | None]:
+    """``(is a module, its parameter and buffer names)`` from the class's source, read as text only;
+    ``(True, None)`` when the source does not say (then every tensor attribute counts as state)."""
+    if qualname in cache:
+        return cache[qualname]
+    module, _, name = qualname.rpartition(".")
+    member = f"{prefix}/code/{module.replace('.', '/')}.py"
+    result: tuple[bool, list[str] | None] = (True, None)
+    try:
+        lines = _read_member(zf, member, path).decode("utf-8", "replace").splitlines()
+    except KeyError:  # no source for it in the archive
+        lines = []
+    header = re.compile(rf"class {re.escape(name)}(?:\((\w*)\))?:\s*")
+    declared = re.compile(r"\s+(__parameters__|__buffers__) = (\[[^\]]*\])\s*")
+    for at, line in enumerate(lines):
+        match = header.fullmatch(line)
+        if match is None:
+            continue
+        names: list[str] = []
+        for body in lines[at + 1:]:
+            if body.strip() and not body[:1].isspace():
+                break  # the class body ended
+            field = declared.fullmatch(body)
+            if field is not None:
+                try:  # a literal list of names: parsed, never run
+                    value = ast.literal_eval(field.group(2))
+                except (ValueError, SyntaxError):
+                    value = []
+                names.extend(v for v in value if isinstance(v, str))
+        result = (match.group(1) == "Module", names)
+        break
+    cache[qualname] = result
+    return result
+
+
+def read_torchscript_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The ``state_dict()`` of the TorchScript module saved at ``path`` (OpenAI's ``RN50.pt``), read
+    without ``torch.jit.load``: nothing in the archive is compiled or run (its ``__setstate__`` methods
+    included), so a weights file stays data, as every checkpoint of this pipeline is.
+
+    Keys are named as ``torch.jit.load(path).state_dict()`` names them (``visual.conv1.weight``) and
+    tensors keep their stored dtype. Raises :class:`CheckpointError` naming the file for an archive
+    that is torn or holds anything but modules, tensors and plain values.
+    """
+    path = os.fspath(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable TorchScript archive ({err})") from err
+    with zf:
+        prefixes = [n[:-len("/data.pkl")] for n in zf.namelist()
+                    if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(prefixes) != 1:
+            raise CheckpointError(f"{path}: not a TorchScript archive this reader knows (needs exactly one "
+                                  f"<name>/data.pkl, found {len(prefixes)})")
+        prefix = prefixes[0]
+        order = f"{prefix}/byteorder"
+        if order in zf.namelist() and _read_member(zf, order, path).strip() != b"little":
+            raise CheckpointError(f"{path}: TorchScript archive stored big-endian; not read")
+        unpickler = _TorchScriptUnpickler(zf, prefix, path)
+        try:
+            root = unpickler.load()
+        except CheckpointError:
+            raise
+        except Exception as err:  # a torn pickle raises many types
+            raise CheckpointError(f"{path}: TorchScript archive's data.pkl is torn or foreign "
+                                  f"({type(err).__name__}: {' '.join(str(err).split())[:160]})") from err
+        if not isinstance(root, _ScriptObject):
+            raise CheckpointError(f"{path}: TorchScript archive holds no module")
+        state: dict[str, torch.Tensor] = {}
+        visits = [0]
+        cache: dict[str, tuple[bool, list[str] | None]] = {}
+
+        def declared(obj: _ScriptObject) -> tuple[bool, list[str] | None]:
+            return _declared_state(zf, prefix, obj.qualname, path, cache)
+
+        def flatten(obj: _ScriptObject, key_prefix: str, path_ids: tuple[int, ...]) -> None:
+            visits[0] += 1
+            if len(path_ids) > _TS_MAX_DEPTH or visits[0] > _TS_MAX_VISITS or id(obj) in path_ids:
+                raise CheckpointError(f"{path}: TorchScript module tree is cyclic or deeper / larger than "
+                                      f"{_TS_MAX_DEPTH} levels / {_TS_MAX_VISITS} modules; not read")
+            _, names = declared(obj)
+            attrs = obj.state if isinstance(obj.state, dict) else None
+            if attrs is None:
+                if names:
+                    raise CheckpointError(f"{path}: TorchScript class {obj.qualname} keeps its weights in a "
+                                          "custom __getstate__, which only its code can read; not read")
+                return
+            if names is None:
+                names = [k for k, v in attrs.items() if isinstance(v, torch.Tensor)]
+            for name in names:
+                value = attrs.get(name)
+                if value is None:  # an absent optional parameter (bias=False) is not in state_dict
+                    continue
+                if not isinstance(value, torch.Tensor):
+                    raise CheckpointError(f"{path}: TorchScript parameter {key_prefix}{name} is a "
+                                          f"{type(value).__name__}, not a tensor")
+                state[f"{key_prefix}{name}"] = value
+            for name, value in attrs.items():
+                if isinstance(value, _ScriptObject) and declared(value)[0]:
+                    flatten(value, f"{key_prefix}{name}.", (*path_ids, id(obj)))
+
+        flatten(root, "", ())
     return state
 
 

@@ -139,12 +139,23 @@ class TrainingRun:
               stage_script: str | Path, resume: bool, dist: DistContext = SINGLE_PROCESS) -> TrainingRun:
         """The run of a resumable training stage writing ``out/model.pt``: ``out/resume.pt`` checkpoints
         it (ignored unless its fingerprint of ``config``, ``inputs`` and the training code matches, and
-        deleted first when ``resume`` is off), ``out/live`` holds its curves."""
+        deleted first when ``resume`` is off), ``out/live`` holds its curves.
+
+        The previous ``model.pt`` stays until the new one replaces it, atomically, as the run finishes
+        (:meth:`finish`): deleting it first would lose a good model to a run that then fails (a full
+        disk) and gain nothing. The rule is: ``model.pt`` is always a complete model of the last run
+        that finished; a run is finished only once its ``model.pt`` is in place, and then its
+        ``resume.pt`` is deleted, so ``resume.pt`` beside ``model.pt`` means a newer run is unfinished.
+        DVC cannot take the previous model for a new one: only a finished run updates ``dvc.lock``, and
+        an unfinished one changes the (``persist``) output folder (``resume.pt``, ``live/``), so the
+        folder no longer matches the lock and the stage stays out of date until a run finishes; a folder
+        that does match holds exactly the model the lock recorded for those params and inputs. A reader
+        run outside DVC is told when ``resume.pt`` sits beside the ``model.pt`` it loads
+        (:func:`pipeline.models.checkpoints.load_localiser`)."""
         run_id = fingerprint(config, [*inputs, *training_code(stage_script)])
         resume_path = out / "resume.pt"
         if dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "model.pt").unlink(missing_ok=True)  # no stale weights beside an unfinished run
             if not resume:
                 resume_path.unlink(missing_ok=True)
         dist.barrier()
@@ -196,8 +207,11 @@ class TrainingRun:
         self.dist.close()
 
     def finish(self, save: Callable[[], None] | None = None) -> None:
-        """End logging, ``save`` the final weights (rank 0), then delete ``resume.pt``: a finished run
-        must not be "resumed" after its last epoch by a forced re-run."""
+        """End logging, ``save`` the final weights (rank 0; atomically, so the previous ``model.pt`` is
+        replaced only by a complete one), then delete ``resume.pt``: a finished run must not be
+        "resumed" after its last epoch by a forced re-run. A ``save`` that fails (a full disk: one line
+        naming the file, :class:`~pipeline.atomic.DiskFullError`) keeps ``resume.pt`` and the previous
+        model, so the next run resumes after the last epoch and only saves again."""
         if self.dist.is_main:
             if self.live is not None:
                 self.live.end()
