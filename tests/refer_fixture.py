@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,26 @@ def write_refer_fixture(root: Path, dataset: str = "refcoco", split_by: str = "u
         pickle.dump(refs, fh)
     (data_dir / "instances.json").write_text(json.dumps(instances, ensure_ascii=False), encoding="utf-8")
     return image_dir
+
+
+class RawPickle(bytes):
+    """Pickle opcodes spliced verbatim into :func:`py2_pickle`'s output (to build hostile pickles)."""
+
+
+def py2_pickle(obj) -> bytes:
+    """Protocol-2 opcodes as Python 2's cPickle wrote REFER's refs (``str`` values as UTF-8 byte strings),
+    with :class:`RawPickle` pieces spliced in. Wrap in ``b"\\x80\\x02" + ... + b"."`` for a whole file."""
+    if isinstance(obj, RawPickle):
+        return bytes(obj)
+    if isinstance(obj, bool) or obj is None:
+        raise TypeError(obj)
+    if isinstance(obj, int):
+        return b"J" + struct.pack("<i", obj)
+    if isinstance(obj, float):
+        return b"G" + struct.pack(">d", obj)
+    if isinstance(obj, str):
+        data = obj.encode("utf-8")
+        return (b"U" + bytes([len(data)]) if len(data) < 256 else b"T" + struct.pack("<I", len(data))) + data
+    if isinstance(obj, list):
+        return b"](" + b"".join(py2_pickle(x) for x in obj) + b"e"
+    return b"}(" + b"".join(py2_pickle(k) + py2_pickle(v) for k, v in obj.items()) + b"u"

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from refer_fixture import NON_ASCII_TEXT
+from refer_fixture import NON_ASCII_TEXT, RawPickle, py2_pickle
 from test_hostile_input import _by_id, _fixture, _index, _read, _write
 from tiny_pipeline import write_params
 
@@ -283,50 +283,27 @@ def test_synthetic_data_skips_nothing_new(tmp_path):
 
 
 # ----------------------------------------------------------------------------- case 9: pickle bombs
-class _Raw(bytes):
-    """Pickle opcodes spliced into :func:`_py2` output as they are."""
-
-
-def _py2(obj) -> bytes:
-    """Protocol-2 opcodes as Python 2's cPickle wrote REFER's refs (``str`` as UTF-8 byte strings), with
-    :class:`_Raw` pieces spliced in."""
-    if isinstance(obj, _Raw):
-        return bytes(obj)
-    if isinstance(obj, bool) or obj is None:
-        raise TypeError(obj)
-    if isinstance(obj, int):
-        return b"J" + struct.pack("<i", obj)
-    if isinstance(obj, float):
-        return b"G" + struct.pack(">d", obj)
-    if isinstance(obj, str):
-        data = obj.encode("utf-8")
-        return (b"U" + bytes([len(data)]) if len(data) < 256 else b"T" + struct.pack("<I", len(data))) + data
-    if isinstance(obj, list):
-        return b"](" + b"".join(_py2(x) for x in obj) + b"e"
-    return b"}(" + b"".join(_py2(k) + _py2(v) for k, v in obj.items()) + b"u"
-
-
-def _shared_lists(levels: int) -> _Raw:
+def _shared_lists(levels: int) -> RawPickle:
     """``L0 = ['é']`` (a py2 UTF-8 byte string), ``L[i] = [L[i-1], L[i-1]]``: 9 bytes a level, 2**levels
     leaves once expanded."""
     ops = b"]U\x02\xc3\xa9aq\x00"
     for i in range(1, levels + 1):
         ops += b"0(h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"lq" + bytes([i])
-    return _Raw(ops)
+    return RawPickle(ops)
 
 
-def _deep_list(depth: int) -> _Raw:
-    return _Raw(b"]" * depth + b"a" * (depth - 1))
+def _deep_list(depth: int) -> RawPickle:
+    return RawPickle(b"]" * depth + b"a" * (depth - 1))
 
 
-def _refs_with_extra(root: Path, extra: _Raw) -> Path:
+def _refs_with_extra(root: Path, extra: RawPickle) -> Path:
     """The fixture's refs as a Python-2 pickle (non-ASCII text, so the latin-1 repair runs) with
     ``extra`` as a key of ref 101."""
     refs, _ = _read(root)
     _by_id(refs, 102, "ref_id")["sentences"][0]["raw"] = NON_ASCII_TEXT
     _by_id(refs, 101, "ref_id")["extra"] = extra
     path = root / "refcoco" / "refs(unc).p"
-    path.write_bytes(b"\x80\x02" + _py2(refs) + b".")
+    path.write_bytes(b"\x80\x02" + py2_pickle(refs) + b".")
     return path
 
 
@@ -381,7 +358,7 @@ def test_pickle_bytearray_bomb_is_refused_before_allocating(tmp_path, size):
 
 def test_pickle_bytearray_bomb_inside_a_ref_is_refused(tmp_path):
     root = _fixture(tmp_path)
-    _refs_with_extra(root, _Raw(_bytearray_bomb(2**31)[2:-1]))
+    _refs_with_extra(root, RawPickle(_bytearray_bomb(2**31)[2:-1]))
     rc, out, err = _load_in_child(root)
     assert rc == 3 and "bytearray" in out["error"], err
 
@@ -417,7 +394,7 @@ def test_pickle_nested_200k_deep_is_refused_not_a_recursion_error(tmp_path):
 
 def test_pickle_list_inside_itself_is_refused(tmp_path):
     root = _fixture(tmp_path)
-    _refs_with_extra(root, _Raw(b"]q\x00h\x00a"))  # L = []; L.append(L)
+    _refs_with_extra(root, RawPickle(b"]q\x00h\x00a"))  # L = []; L.append(L)
     rc, out, err = _load_in_child(root)
     assert rc == 3, err
     assert "contains itself" in out["error"]
@@ -428,7 +405,7 @@ def test_pickle_codecs_encode_chain_is_refused(tmp_path):
     root = _fixture(tmp_path)
     ops = b"c_codecs\nencode\nq\x000" + b"h\x00" * 41 + b"X\x02\x00\x00\x00abX\x06\x00\x00\x00latin1\x86R"
     ops += b"X\x03\x00\x00\x00hex\x86R" * 40
-    _refs_with_extra(root, _Raw(ops))
+    _refs_with_extra(root, RawPickle(ops))
     rc, out, err = _load_in_child(root)
     assert rc == 3, err
     assert "_codecs.encode" in out["error"] and "'hex'" in out["error"]
@@ -440,7 +417,7 @@ def test_pickle_set_of_one_shared_list_many_times_is_refused(tmp_path):
     root = _fixture(tmp_path)
     items = b"".join(b"M" + struct.pack("<H", i) for i in range(2000))
     ops = b"c__builtin__\nset\nq\x000](" + items + b"eq\x010](" + b"h\x00h\x01\x85R" * 2000 + b"e"
-    _refs_with_extra(root, _Raw(ops))
+    _refs_with_extra(root, RawPickle(ops))
     rc, out, err = _load_in_child(root)
     assert rc == 3, err
     assert "set" in out["error"] and "more than a refs file of its size" in out["error"]

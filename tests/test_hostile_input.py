@@ -11,12 +11,11 @@ import json
 import os
 import pickle
 import runpy
-import struct
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
-from refer_fixture import NON_ASCII_TEXT, write_refer_fixture
+from refer_fixture import NON_ASCII_TEXT, py2_pickle, write_refer_fixture
 from tiny_pipeline import write_params
 
 from pipeline.data.images import decoded_size, read_image_rgb
@@ -154,27 +153,11 @@ def test_pickle_reduce_payload_is_refused_without_running(tmp_path):
     assert "refs(unc).p" in str(err.value) and "refused" in str(err.value) and "system" in str(err.value)
 
 
-def _py2_binary(obj) -> bytes:
-    """Protocol-2 opcodes as Python 2's cPickle wrote REFER's refs: ``str`` values as UTF-8 byte strings."""
-    if isinstance(obj, bool) or obj is None:
-        raise TypeError(obj)
-    if isinstance(obj, int):
-        return b"J" + struct.pack("<i", obj)
-    if isinstance(obj, float):
-        return b"G" + struct.pack(">d", obj)
-    if isinstance(obj, str):
-        data = obj.encode("utf-8")
-        return (b"U" + bytes([len(data)]) if len(data) < 256 else b"T" + struct.pack("<I", len(data))) + data
-    if isinstance(obj, list):
-        return b"](" + b"".join(_py2_binary(x) for x in obj) + b"e"
-    return b"}(" + b"".join(_py2_binary(k) + _py2_binary(v) for k, v in obj.items()) + b"u"
-
-
 def test_python2_protocol2_refer_pickle_still_loads(tmp_path):
     root = _fixture(tmp_path)
     refs, _ = _read(root)
     _by_id(refs, 102, "ref_id")["sentences"][0]["raw"] = NON_ASCII_TEXT
-    (root / "refcoco" / "refs(unc).p").write_bytes(b"\x80\x02" + _py2_binary(refs) + b".")
+    (root / "refcoco" / "refs(unc).p").write_bytes(b"\x80\x02" + py2_pickle(refs) + b".")
     loaded, _ = load_refer(root, "refcoco", "unc")
     assert loaded == refs
     assert _by_id(loaded, 102, "ref_id")["sentences"][0]["sent"] == NON_ASCII_TEXT
