@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install repro test test-fast bench deps
+.PHONY: install repro test test-fast bench deps web-clip
 
 install:
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
@@ -26,3 +26,8 @@ deps:
 
 bench: install
 	$(PYTHON) -m bench
+
+# build the embedded web CLIP from weights/web-clip/recipe.yaml into weights/web-clip (about 15 min on
+# the 2-core CPU; docs/embedded-default-study.md, "An embedded web CLIP")
+web-clip: install
+	$(PYTHON) scripts/build_web_clip.py

@@ -7,10 +7,11 @@ No weights or data are downloaded: random RN50 / ViT-B-32 weights are saved to l
 RefCOCO. Throughput does not depend on the weights, so the figure is what a GPU user should expect per
 image of Step-1 training on real data (images are preloaded, as the stage does).
 
-    python -m bench.paper_step1 [--steps 4] [--keep DIR]
+    python -m bench.paper_step1 [--steps 4] [--warmup 2] [--keep DIR]
 
 It builds a workdir (synthesize, index, pretrain_clip stages) and runs :mod:`bench.step1_throughput`
-there. Meant for a GPU; on a 2-core CPU one step of batch 48 takes minutes.
+there: ``--steps`` timed steps after ``--warmup`` untimed ones, setup outside the timed window, with the
+host syncs per step. Meant for a GPU; on a 2-core CPU one step of batch 48 takes minutes.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ STAND_INS = {
     "data.refer.image_dir": "artifacts/synthetic/images",
     "model.clip.pretrained": "{weights}/RN50-checkpoint.pt",
     "model.frozen_clip.pretrained": "{weights}/ViT-B-32-state-dict.pt",
+    "inputs.refs": "artifacts/synthetic",
+    "inputs.images": "artifacts/synthetic/images",
+    "inputs.weights": "{weights}",
+    "base.device": "auto",  # the README asks for cuda; the bench also runs (slowly) without a GPU
 }
 PAPER_BATCH = {"batch_size": 48, "num_negatives": 47, "calibration_negatives": 6}
 
@@ -86,32 +91,35 @@ def write_random_weights(weights: Path) -> None:
     torch.save(open_clip.create_model("ViT-B-32").state_dict(), weights / "ViT-B-32-state-dict.pt")
 
 
-def build_workdir(workdir: Path, steps: int) -> None:
+def build_workdir(workdir: Path, steps: int, warmup: int = 2) -> None:
     """Weights, params and the three stages Step-1 training reads (synthesize, index, pretrain_clip)."""
     weights = workdir / "weights"
     weights.mkdir(parents=True, exist_ok=True)
     write_random_weights(weights)
-    # (steps + 1) full batches of distinct train images; the train split is half of the set
-    num_images = 2 * (steps + 1) * PAPER_BATCH["batch_size"] + 16
-    (workdir / "params.yaml").write_text(yaml.safe_dump(paper_params(weights, num_images), sort_keys=False))
+    # (warmup + steps) full batches of distinct train images; the train split is half of the set
+    num_images = 2 * (warmup + steps) * PAPER_BATCH["batch_size"] + 16
+    params = paper_params(weights, num_images)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": path}
-    for stage in ("synthesize", "index", "pretrain_clip"):
+    # the stand-in REFER data comes from synthesize, which writes nothing under data.source=refer
+    for stage, source in (("synthesize", "synthetic"), ("index", None), ("pretrain_clip", None)):
+        run_params = overlay(params, {"data": {"source": source}}) if source else params
+        (workdir / "params.yaml").write_text(yaml.safe_dump(run_params, sort_keys=False))
         result = subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=workdir, env=env,
                                 capture_output=True, text=True)
         if result.returncode:
             raise SystemExit(f"bench.paper_step1: stage {stage} failed:\n{result.stderr[-3000:]}")
 
 
-def run(steps: int = 4, keep: Path | None = None) -> dict:
+def run(steps: int = 4, keep: Path | None = None, warmup: int = 2) -> dict:
     """:func:`bench.step1_throughput.run` in a freshly built workdir (a temporary one unless ``keep``)."""
     with tempfile.TemporaryDirectory() as tmp:
         workdir = keep or Path(tmp)
-        build_workdir(workdir, steps)
+        build_workdir(workdir, steps, warmup)
         here = Path.cwd()
         os.chdir(workdir)
         try:
-            return step1_throughput.run(steps)
+            return step1_throughput.run(steps, warmup)
         finally:
             os.chdir(here)
 
@@ -119,13 +127,16 @@ def run(steps: int = 4, keep: Path | None = None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
     parser.add_argument("--keep", type=Path, help="build the workdir here and keep it")
     args = parser.parse_args()
-    if args.steps < 1:
-        parser.error("--steps must be at least 1")
-    r = run(args.steps, args.keep.resolve() if args.keep else None)
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be at least 1")
+    r = run(args.steps, args.keep.resolve() if args.keep else None, args.warmup)
     print(step1_throughput.describe(
         r, "Step-1 of the paper's architecture (RN50 320 px, C_d 1024, frozen ViT-B-32 at 224, batch 48)"))
+    if step1_throughput.sites(r):
+        print("host syncs in the timed steps, by call site:\n" + step1_throughput.sites(r))
 
 
 if __name__ == "__main__":

@@ -13,14 +13,18 @@ COCO polygon annotations, 2-8 word sentences. On it this script measures
   PRMS (Eq. 10) with the authors' frozen ViT-B/32 at 224 px (random weights: the cost is the same),
   IRN refinement (CRF-confident seeds + boundary + random walk + threshold) at the working size
   ``pseudo_masks.size`` (what the stage does) and, for comparison, at the full 640x480;
-- how that per-object work scales from 1 to 2 processes: the stage's CRF pool (``pseudo_masks.workers``,
-  wall time, images pickled to the workers as the stage does) and ranks (``base.nproc``: each process
-  refines its own contiguous share of the objects, as the stage's ranks own whole store shards; the
-  slower rank's own time against one process's), each process with one torch thread.
+- how that per-object work scales from 1 to 2 processes: refinement workers (``pseudo_masks.workers``:
+  each process refines its own share of the images, CRF seeds to threshold, as the stage's workers do;
+  the slower worker's own time against one process's) and, for comparison, the CRF alone in a pool
+  (wall time, images pickled to the workers), each process with one torch thread;
+- decoding + stretching one image to Step-1/2's 320 px input, which is what a training epoch pays for
+  each image past :class:`~pipeline.data.samples.ImageBank`'s 2 GB cache (6,510 of RefCOCO's 16,994
+  train images at 320 px): :func:`uncached_epoch_cost`.
 
 It then prints a **projection** (not a measurement) of make_pseudo_masks' wall time on the train splits
 of RefCOCO, RefCOCO+ and RefCOCOg on N cores: the per-object costs above divided by N times the measured
-2-process efficiency, plus the affinity training, which one rank does alone.
+2-process efficiency, plus the affinity training, which one process does alone. The whole stage's peak
+memory and time at two sizes are measured by :mod:`bench.pseudo_masks_memory`.
 
     python -m bench.refcoco_scale                 # full size (~10 min on 2 cores, ~2 GB of JPEGs in /tmp)
     python -m bench.refcoco_scale --scale 0.01    # a 1 % set: the same code path in seconds
@@ -341,6 +345,25 @@ def measure_affinity(p: PseudoMaskParams, objects: list, steps: int = 6) -> floa
     return seconds / math.ceil(n / p.affinity.batch_size) * total_steps
 
 
+IMAGE_CACHE_BYTES = 2e9  # ImageBank's default max_bytes
+
+
+def uncached_epoch_cost(decode_s: float, size: int = 320, split: tuple[int, int, int] = TRAIN_SPLITS[
+        "RefCOCO (unc)"], threads: int = 8) -> dict:
+    """What one training epoch (one sentence per object) pays to decode the train images that do not fit
+    ImageBank's cache at ``size`` px: images past the cache, the object visits that land on them (objects
+    spread evenly over images), and the seconds of decoding on one thread and on ImageBank's ``threads``
+    decoding threads (its default on a machine with 8 cores or more; the batch is prefetched one step
+    ahead, so this is hidden whenever a training step takes longer)."""
+    images, objects, _ = split
+    cached = min(images, int(IMAGE_CACHE_BYTES // (3 * size * size)))
+    uncached = images - cached
+    visits = objects * uncached / images
+    return {"cached": cached, "uncached": uncached, "decodes_per_epoch": visits,
+            "one_thread_s": visits * decode_s, "pool_s": visits * decode_s / threads,
+            "cache_bytes_all": images * 3 * size * size}
+
+
 def project(costs: dict, cores: int, per_object_s: float, with_prms: bool) -> float:
     """Projected seconds of make_pseudo_masks on a train split: parallel per-object work over ``cores``
     at the measured 2-process efficiency, plus the affinity training on one rank."""
@@ -368,6 +391,7 @@ def run(scale: float = 1.0, objects: int = 48, keep: Path | None = None) -> dict
         refine = measure_refinement(sample, p)
         prms = measure_prms(sample, p.size, params.model.max_tokens)
         costs = {**refine, **prms, "decode_s": measure_decode(work / "refer", p.size),
+                 "decode_320_s": measure_decode(work / "refer", 320),
                  "affinity_s": measure_affinity(p, sample)}
     finally:
         if keep is None:
@@ -391,6 +415,7 @@ def _hours(seconds: float) -> str:
 def report(r: dict) -> str:
     """The printed table (markdown), every figure labelled measured or projected."""
     c, s, ix = r["costs"], r["stores"], r["index"]
+    e = uncached_epoch_cost(c["decode_320_s"])
     gib, mib = 2**30, 2**20
     lines = [
         f"RefCOCO-sized REFER set x{r['scale']:g}: {r['images']:,} images (640x480 JPEG, "
@@ -410,8 +435,13 @@ def report(r: dict) -> str:
         f"| refinement per object at {r['working_size']}x{r['working_size']} (the stage) / at 640x480 | "
         f"{1000 * c['per_object_working_s']:.0f} ms / {1000 * c['per_object_full_s']:.0f} ms |",
         f"| affinity training (one rank) | {c['affinity_s']:.0f} s |",
-        f"| 1 -> 2 processes: ranks (refinement) / workers (CRF pool) | **x{c['ranks_speedup']:.2f}** / "
-        f"**x{c['workers_speedup']:.2f}** (goal >= 1.7) |", "",
+        f"| 1 -> 2 processes: refinement workers / the CRF alone in a pool | **x{c['ranks_speedup']:.2f}** / "
+        f"**x{c['workers_speedup']:.2f}** (goal >= 1.7) |",
+        f"| decode + stretch one 640x480 JPEG to 320 px (a training image past the cache) | "
+        f"{1000 * c['decode_320_s']:.1f} ms |",
+        f"| RefCOCO train images past ImageBank's 2 GB cache at 320 px, per epoch | {e['uncached']:,} of "
+        f"{e['uncached'] + e['cached']:,} images, {e['decodes_per_epoch']:,.0f} decodes: "
+        f"{e['one_thread_s']:.0f} s on one thread, {e['pool_s']:.0f} s on 8 |", "",
         "PROJECTED make_pseudo_masks wall time on the train split (per-object costs above / (N x "
         f"{min(1.0, c['ranks_speedup'] / 2):.2f} measured efficiency) + affinity training; PRMS on a GPU "
         "is left out, on CPU it is an upper bound):", "",

@@ -86,13 +86,15 @@ class DistContext:
 
         ``find_unused_parameters`` is on because ablations switch parts off (``step1.prompt: none`` leaves
         the prompt's weights without gradient). On CUDA, BatchNorm becomes SyncBatchNorm so statistics
-        cover the global batch; gloo has no SyncBatchNorm, so on CPU each rank normalises its own slice
-        (set ``freeze_batchnorm`` for results independent of the number of processes).
+        cover the global batch; gloo has no SyncBatchNorm, so on CPU (and with ranks sharing a GPU, which
+        run over gloo) each rank normalises its own slice (set ``freeze_batchnorm`` for results
+        independent of the number of processes).
         """
         if not self.enabled:
             return model
         if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            if self.device != "cpu":  # NCCL: one GPU per rank
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             return DistributedDataParallel(model, device_ids=[device.index], find_unused_parameters=True)
         return DistributedDataParallel(model, find_unused_parameters=True)
 
@@ -125,14 +127,37 @@ def relaunch_under_torchrun(nproc: int) -> None:
     os.execv(sys.executable, argv)
 
 
+def rank_device(local_rank: int, device_count: int) -> int:
+    """The GPU of local rank ``local_rank`` on a node with ``device_count`` GPUs: ``local_rank % count``.
+
+    With one process per GPU this is the usual ``cuda:local_rank``; with more processes than GPUs (e.g.
+    ``base.nproc: 4`` on one GPU) the ranks share the GPUs round-robin instead of asking for a
+    ``cuda:3`` that does not exist."""
+    if device_count < 1:
+        raise ValueError(f"rank_device: no CUDA device for local rank {local_rank}")
+    if local_rank < 0:
+        raise ValueError(f"rank_device: local rank must be >= 0, got {local_rank}")
+    return local_rank % device_count
+
+
+def _backend(device: torch.device, world_size: int) -> str:
+    """NCCL when every rank has a GPU of its own; gloo on CPU and when ranks share a GPU (NCCL refuses
+    two ranks on one device)."""
+    if device.type != "cuda":
+        return "gloo"
+    return "nccl" if world_size <= torch.cuda.device_count() else "gloo"
+
+
 def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
-    """Join the torchrun job if there is one: gloo on CPU, NCCL on CUDA (one GPU per local rank)."""
+    """Join the torchrun job if there is one: gloo on CPU, NCCL on CUDA (local rank ``r`` on GPU
+    ``r % device_count``, so N processes may share one GPU; they then talk over gloo)."""
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
         return DistContext(), device
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if device.type == "cuda":
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", rank_device(local, torch.cuda.device_count()))
         torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = _backend(device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-    return DistContext(rank, world, local, str(device) if device.type == "cuda" else "cpu"), device
+    collectives = str(device) if backend == "nccl" else "cpu"
+    return DistContext(rank, world, local, collectives), device

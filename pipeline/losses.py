@@ -44,8 +44,8 @@ def classification_loss(y: torch.Tensor, targets: torch.Tensor, valid: torch.Ten
     bce = F.binary_cross_entropy_with_logits(y, targets.to(y.dtype), reduction="none")
     count = valid.sum(dim=1)
     per_row = (bce * valid).sum(dim=1) / count.clamp(min=1)
-    has_any = count > 0
-    return per_row[has_any].mean() if bool(has_any.any()) else (bce * 0).sum()
+    has_any = (count > 0).to(y.dtype)
+    return (per_row * has_any).sum() / has_any.sum().clamp(min=1)  # no host sync: no bool(), no mask index
 
 
 def calibration_similarity(

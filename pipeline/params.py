@@ -124,6 +124,32 @@ class DataParams(_Strict):
         "val, test)")
 
 
+def _dvc_dep_path(value: object) -> object:
+    """A path DVC interpolates into ``dvc.yaml`` deps: non-empty text, with no ``${`` (DVC would try to
+    interpolate it) and no NUL or newline (no file system takes them, and DVC would fail far from the key)."""
+    if isinstance(value, str) and (not value.strip() or "${" in value or any(c in value for c in "\0\n\r")):
+        raise ValueError(f"{value!r} is not a usable path (empty, or holds '${{', a NUL or a newline)")
+    return value
+
+
+DepPath = Annotated[str, BeforeValidator(_dvc_dep_path)]
+
+
+class InputsParams(_Strict):
+    """Where the pipeline's real inputs live, as DVC sees them: ``dvc.yaml`` interpolates these paths into
+    the deps of ``index`` and of every stage that reads images (``refs``, ``images``) and of
+    ``pretrain_clip`` (``weights``), so a byte change there re-runs exactly the stages downstream.
+    ``pipeline.inputs`` checks that every file the stage reads lies under them (docs/operations.md)."""
+
+    refs: DepPath = Field(description="folder holding <dataset>/refs(<split_by>).p and instances.json "
+                          "(synthetic: artifacts/synthetic; refer: data.refer.root or a folder above it)")
+    images: DepPath = Field(description="folder holding the images (synthetic: artifacts/synthetic/images; "
+                            "refer: data.refer.image_dir or a folder above it)")
+    weights: DepPath = Field(description="file or folder holding the CLIP weight files that "
+                             "model.clip.pretrained / model.frozen_clip.pretrained read (a tag: its cached "
+                             "file); models/ by default")
+
+
 class FamilyWeights(_Strict):
     """Mix of expression families; every family is named, so a forgotten one is an error, not weight 0."""
 
@@ -217,6 +243,9 @@ class ModelParams(_Strict):
     max_tokens: Int = Field(ge=3, le=CLIP_CONTEXT_LENGTH, description="tokens per expression; a released "
                             "CLIP's text tower has 77 positions and the tiny CLIP is built with max_tokens")
     hidden_dim: Int = Field(ge=8, le=MAX_WIDTH, description="C_d, the projector width (paper: 1024)")
+    align_corners: Bool = Field(description="how maps are resized to the calibration / PRMS input and to "
+                                "the image for evaluation: false = one resize, align_corners=False; true = "
+                                "the authors' two resizes (to the network input with False, then True)")
 
 
 class FrozenPretrainParams(_Strict):
@@ -307,6 +336,9 @@ class Step1Params(OptimParams):
     temperature: Float = Field(gt=0, le=100, description="tau of Eq. 2 (its initial value when learned); "
                                "the model clamps tau to CLIP's 100, so a larger value would be silently cut")
     learn_temperature: Bool = Field(description="learn tau (paper) or keep it fixed (authors' code)")
+    calibration_mask_space: Literal["unit", "normalized"] = Field(
+        description="Eq. 9 (and PRMS) multiply the map into the image in [0, 1] (masked-out pixels black) "
+                    "or into the normalised image (authors' code: masked-out pixels the mean colour)")
 
 
 class DumpParams(_Strict):
@@ -318,6 +350,9 @@ class EvaluateParams(_Strict):
     threshold: Float = Field(ge=0, le=1, description="binarisation of min-max normalised Step-1 maps")
     step2_threshold: Float = Field(ge=0, le=1, description="binarisation of Step-2 probabilities")
     gallery_size: Int = Field(ge=0, le=256, description="cases per best / median / worst row")
+    acc_box: Literal["max_point", "authors"] = Field(
+        description="Acc_box: box the component holding the maximum point (max_point), or hit when any "
+                    "box of the authors' contour + NMS boxes matches (authors' evaluation code)")
 
 
 # pydensecrf divides pixel coordinates and colours by the kernel widths and hashes the result into an
@@ -360,6 +395,9 @@ class RandomWalkParams(_Strict):
 class PseudoMaskParams(_Strict):
     prms: Bool
     prms_off_choice: Literal["first", "random"]
+    prms_image: Literal["working", "step1_input"] = Field(
+        description="the image PRMS masks: at the working size (pseudo_masks.size), or at "
+                    "step1.input_size like the image calibration masks (authors: the 320-px input)")
     refine: Literal["irn", "crf", "none"]
     walk_seed: Literal["confident", "map"]
     conf_fg: Float = Field(ge=0, le=1)
@@ -385,11 +423,15 @@ class Step2Params(OptimParams):
     input_size: Int = Field(ge=32, le=MAX_SIDE)
     fusion_dim: Int = Field(ge=8, le=MAX_WIDTH)
     decoder_dim: Int = Field(ge=8, le=MAX_WIDTH)
+    select: Literal["last", "best_val"] = Field(
+        description="the model kept: the last epoch's, or the epoch with the best val mIoU (reads the val "
+                    "split's GT masks; authors' code: best val mIoU)")
 
 
 class Params(_Strict):
     base: BaseParams
     data: DataParams
+    inputs: InputsParams
     synthesize: SynthesizeParams
     model: ModelParams
     pretrain_clip: PretrainClipParams

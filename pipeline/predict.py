@@ -39,9 +39,9 @@ from pipeline.data.images import UnreadableImageError, read_image_rgb
 from pipeline.data.samples import stretch_resize
 from pipeline.maps import clip_normalize, upsample
 from pipeline.models.checkpoints import load_segmenter
-from pipeline.models.clip_backbone import tokenize
+from pipeline.models.clip_backbone import activation_name, tokenize, uses_quick_gelu
 from pipeline.models.segmenter import ReferringSegmenter
-from pipeline.runtime import DeviceError, select_device
+from pipeline.runtime import DeviceError, device_note, select_device
 
 DEFAULT_CHECKPOINT = "artifacts/step2/model.pt"
 TINT = np.array([255, 40, 40], dtype=np.float32)  # mask colour of the overlay
@@ -201,8 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     _write_png(args.out, mask.astype(np.uint8) * 255)
     if args.overlay:
         _write_png(args.overlay, overlay_mask(rgb, mask))
+    # the CLIP as rebuilt here, activation included (load_segmenter refused any other than training's)
     print(f"{args.out}: {int(mask.sum())} of {mask.size} pixels ({mask.mean():.1%}), "
-          f"max probability {prob.max():.3f}")
+          f"max probability {prob.max():.3f}; Step-2 CLIP {meta['clip_name']} with "
+          f"{activation_name(uses_quick_gelu(model.backbone.clip))} on {device}"
+          f"{device_note(args.device, device, '--device')}")
     return 0
 
 

@@ -20,7 +20,7 @@ import torch
 from pipeline.distributed import DistContext, init_distributed, relaunch_under_torchrun
 from pipeline.params import Params, ParamsError, load_params
 from pipeline.params_trace import record_reads
-from pipeline.runtime import DeviceError, configure_threads, seed_everything, select_device
+from pipeline.runtime import DeviceError, configure_threads, device_note, seed_everything, select_device
 
 TRACE_ENV = "TRIS_PARAMS_TRACE"
 
@@ -71,7 +71,7 @@ def one_line(err: Exception) -> str:
 def start_stage(name: str, params_path: str | Path = "params.yaml") -> tuple[Params, torch.device]:
     """Load params (exit with one line naming every offending key on error), seed, pin threads, pick the
     device (exit with one line naming ``base.device`` when it is unusable here, e.g. ``cuda`` without a
-    GPU)."""
+    GPU or with a driver too old for the torch wheel; ``auto`` on the CPU says why on the start-up line)."""
     try:
         params = load_params(params_path)
     except ParamsError as err:
@@ -83,7 +83,8 @@ def start_stage(name: str, params_path: str | Path = "params.yaml") -> tuple[Par
         device = select_device(params.base.device)
     except DeviceError as err:
         sys.exit(f"{name}: {err}")
-    print(f"[{name}] device={device} seed={params.base.seed} threads={torch.get_num_threads()}")
+    print(f"[{name}] device={device}{device_note(params.base.device, device)} seed={params.base.seed} "
+          f"threads={torch.get_num_threads()}")
     return _traced(name, params), device
 
 

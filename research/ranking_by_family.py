@@ -17,7 +17,8 @@ Calibration (Eq. 8-9) and PRMS (Eq. 10) ask exactly this question of the frozen 
 where it fails bound what they can teach.
 
 ``--by kind`` splits the attribute family by which attributes it names (colour, shape, size and their
-combinations), which tells a CLIP that reads colour from one that reads shape. ``--step1`` adds two
+combinations), which tells a CLIP that reads colour from one that reads shape (the kinds of
+:func:`pipeline.eval.grounding.expression_kind`, which ``evaluate_step1`` reports too). ``--step1`` adds two
 columns from ``artifacts/responses.zarr``: how often the Step-1 map responds most, on average, inside
 the target among the image's referred objects (``step1 object``), and PointM's test (``step1 peak``).
 A diagnostic: it reads GT masks, and no training step calls it.
@@ -33,33 +34,22 @@ import pandas as pd
 
 from pipeline import paths
 from pipeline.data.index import load_index
-from pipeline.data.synthetic.expressions import parse_expression
 from pipeline.eval.clip_checks import masked_object_hits
+from pipeline.eval.grounding import (
+    ATTRIBUTES,
+    FAMILIES,
+    expression_family,
+    expression_kind,
+    group_order,
+    response_object_hits,
+)
 from pipeline.models.clip_artifact import load_frozen_clip
 from pipeline.params import load_params
 from pipeline.pseudo.labels import load_split_responses
 from pipeline.runtime import select_device
 from pipeline.store import open_responses
-from research.grounding import response_object_hits
 
-FAMILIES = ("attribute", "position", "relation")
-ATTRIBUTES = ("size", "colour", "shape")
-
-
-def expression_family(text: str) -> str:
-    """``attribute``, ``position`` or ``relation`` of a generated expression (the generator's parser)."""
-    meaning = parse_expression(text)
-    return "relation" if meaning.relation else "position" if meaning.position else "attribute"
-
-
-def expression_kind(text: str) -> str:
-    """The family, with attribute expressions split by the attributes they name: ``attribute: shape``,
-    ``attribute: size+colour+shape``, ... (position and relation as :func:`expression_family`)."""
-    family = expression_family(text)
-    if family != "attribute":
-        return family
-    target = parse_expression(text).target
-    return "attribute: " + "+".join(a for a in ATTRIBUTES if getattr(target, a) is not None)
+__all__ = ["ATTRIBUTES", "FAMILIES", "expression_family", "expression_kind", "rates_by", "ranking_by_family"]
 
 
 def rates_by(hits: pd.DataFrame, group: Callable[[str], str] = expression_family,
@@ -67,7 +57,7 @@ def rates_by(hits: pd.DataFrame, group: Callable[[str], str] = expression_family
     """Mean of each of ``columns`` (booleans), chance and count per ``group(text)`` and ``all``; the
     groups in the order of ``FAMILIES`` (kinds of a family sorted under it)."""
     hits = hits.assign(group=[group(t) for t in hits["text"]], chance=1.0 / hits["objects"])
-    order = sorted(hits["group"].unique(), key=lambda g: (FAMILIES.index(g.split(":")[0]), g))
+    order = group_order(hits["group"])
     rows = [{"group": g, **{c: part[c].mean() for c in columns}, "chance": part["chance"].mean(),
              "n": len(part)} for g in order if len(part := hits[hits["group"] == g])]
     rows.append({"group": "all", **{c: hits[c].mean() for c in columns}, "chance": hits["chance"].mean(),

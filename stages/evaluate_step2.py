@@ -25,8 +25,10 @@ def main() -> None:
     with StageTimer("evaluate_step2"):
         for split in eval_splits:
             rows = split_sentences(index.images, index.sentences, split)
-            probs = iter_segmenter_probs(model, bank, rows, 32, meta["max_tokens"], device)
-            report[split], _ = score_maps(probs, gt, params.evaluate.step2_threshold)
+            probs = iter_segmenter_probs(model, bank, rows, 32, meta["max_tokens"], device,
+                                         align_corners=params.model.align_corners)
+            report[split], _ = score_maps(probs, gt, params.evaluate.step2_threshold,
+                                          acc_box=params.evaluate.acc_box)
             print(f"[evaluate_step2] {split}: {report[split]}")
     write_json(paths.REPORTS / "step2.json", report)
 

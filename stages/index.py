@@ -7,6 +7,8 @@ code or a memory bomb in the refs pickle, text that is not Unicode, nesting past
 line naming file, field and id; refs with bad ground truth (an unknown split name, an image outside the
 folder once symlinks are resolved, a bbox that does not bound the mask, an overlong sentence, ...) are
 skipped and counted by reason in ``artifacts/index/report.json``; it also fails if nothing usable is left.
+Under DVC it first checks that the files it reads lie under ``inputs.refs`` / ``inputs.images``, the
+paths dvc.yaml lists as its deps (:mod:`pipeline.inputs`).
 """
 
 import sys
@@ -15,6 +17,7 @@ from pathlib import Path
 from pipeline import paths
 from pipeline.data.index import build_index, format_report, write_index
 from pipeline.data.refer import load_refer
+from pipeline.inputs import require_tracked, uncovered
 from pipeline.params import Params
 from pipeline.stage import StageTimer, start_stage
 
@@ -28,8 +31,20 @@ def dataset_location(params: Params) -> tuple[Path, str, str, Path]:
     return Path(r.root), r.dataset, r.split_by, Path(r.image_dir)
 
 
+def untracked_reads(params: Params) -> list[str]:
+    """What :func:`main` reads that is not under the ``inputs`` paths dvc.yaml makes its deps: the refs
+    pickle and instances.json (``inputs.refs``) and the image folder (``inputs.images``)."""
+    root, dataset, split_by, image_dir = dataset_location(params)
+    root_key, image_key = (("data.source",) * 2 if params.data.source == "synthetic"
+                           else ("data.refer.root", "data.refer.image_dir"))
+    refs = [(root_key, root / dataset / f"refs({split_by}).p"), (root_key, root / dataset / "instances.json")]
+    return (uncovered(refs, "refs", params.inputs.refs, repr(str(root)))
+            + uncovered([(image_key, image_dir)], "images", params.inputs.images, repr(str(image_dir))))
+
+
 def main() -> None:
     params, _ = start_stage("index")
+    require_tracked("index", untracked_reads(params))
     root, dataset, split_by, image_dir = dataset_location(params)
     with StageTimer("index"):
         try:

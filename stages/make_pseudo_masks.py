@@ -2,10 +2,16 @@
 train object in ``artifacts/pseudo_masks.zarr``, the affinity network in ``artifacts/affinity``, and a
 diagnostic report (pseudo-masks vs GT; nothing trains on GT) in ``artifacts/reports/pseudo_masks.json``.
 
-With ``base.nproc > 1`` the stage runs under torchrun: each rank builds the pseudo-masks of its own
-store shards and writes them (no shard has two writers); see :mod:`pipeline.pseudo.labels`.
+The stage streams, so its memory does not grow with the split (RefCOCO: 42,404 train objects): PRMS
+keeps one choice per object, the affinity net learns from at most ``affinity.max_samples`` objects' CRF
+labels, and each store shard (``pseudo_masks.shard_size`` objects) is built, written, scored against its
+own GT masks and dropped before the next. It runs as one process (PRMS on the device) with
+``pseudo_masks.workers`` CPU processes for the per-image refinement: ``base.nproc``, a param of the
+training stages, is not read, so using every core here never invalidates Step-1. Under an outer
+torchrun only rank 0 runs it (a store has one writer). See :mod:`pipeline.pseudo.labels`.
 """
 
+import os
 
 import numpy as np
 import torch
@@ -14,60 +20,74 @@ from pipeline import paths
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
+from pipeline.distributed import under_torchrun
 from pipeline.eval.scoring import GroundTruth
 from pipeline.models.clip_artifact import load_frozen_clip, resolve_calibration_size
-from pipeline.pseudo.labels import load_split_responses, make_pseudo_masks, select_responses
+from pipeline.pseudo.labels import (
+    RecentImages,
+    iter_pseudo_mask_shards,
+    load_split_responses,
+    refine_pool,
+    select_objects,
+    train_shared_affinity,
+)
 from pipeline.pseudo.report import local_quality, pseudo_mask_report
-from pipeline.stage import StageTimer, start_distributed_stage
+from pipeline.stage import StageTimer, start_stage
 from pipeline.store import PSEUDO_MASK_SCHEMA, RecordWriter, open_responses
 
 
 def main() -> None:
-    params, device, dist = start_distributed_stage("make_pseudo_masks")
+    if under_torchrun() and int(os.environ.get("RANK", "0")) > 0:  # an outer torchrun: one writer only
+        print(f"[make_pseudo_masks] rank {os.environ['RANK']}: the stage runs on rank 0 alone "
+              "(pseudo_masks.workers spreads it over that node's cores)")
+        return
+    params, device = start_stage("make_pseudo_masks")
     p = params.pseudo_masks
     size = p.size
     index = load_index(paths.INDEX)
     store = open_responses(paths.RESPONSES, index=paths.INDEX)  # refuses a store from another index
     train = split_sentences(index.images, index.sentences, "train")
-    ref_order = np.sort(train["ref_id"].unique())  # the store's row order
-    bank = ImageBank.from_index(index.images, size, workers=params.base.num_workers)
+    # no bank cache (it would fill to 2 GB); the last images read are kept instead
+    images = RecentImages(ImageBank.from_index(index.images, size, max_bytes=0,
+                                               workers=params.base.num_workers))
+    # PRMS masks the image at the working size or, as calibration does, at Step-1's input size
+    prms_side = size if p.prms_image == "working" else params.step1.input_size
+    prms_images = images if prms_side == size else RecentImages(
+        ImageBank.from_index(index.images, prms_side, max_bytes=0, workers=params.base.num_workers))
     responses = load_split_responses(store, "train")
     frozen = load_frozen_clip(paths.CLIP).to(device) if p.prms else None
     calibration_size = resolve_calibration_size(params.step1.calibration_size, frozen) if p.prms else 0
     attrs = {"input_size": [size, size], "refine": p.refine, "prms": p.prms, "threshold": p.threshold}
+    refs = index.refs.set_index("ref_id")
+    parts = []
     writer = RecordWriter(paths.PSEUDO_MASKS, PSEUDO_MASK_SCHEMA, (size, size), p.shard_size, attrs,
-                          dist=dist, index=paths.INDEX)
+                          index=paths.INDEX)
     with StageTimer("make_pseudo_masks"), writer:
-        writer.add_split("train", len(ref_order))
-        ranges = writer.owned_ranges("train")  # this rank's objects: whole shards of the store
-        rows = np.concatenate([np.arange(a, b) for a, b in ranges] or [np.empty(0, dtype=np.int64)])
-        mine = train[train["ref_id"].isin(ref_order[rows])]
-        sel = select_responses(mine, responses, bank, frozen, use_prms=p.prms, off_choice=p.prms_off_choice,
-                               max_tokens=params.model.max_tokens,
-                               calibration_size=calibration_size, device=device,
-                               seed=params.base.seed)
-        masks, net = make_pseudo_masks(sel, bank, p, seed=params.base.seed, device=device, global_rows=rows,
-                                       total_objects=len(ref_order), dist=dist)
-        objects = sel.objects
-        if dist.is_main:
-            with atomic_dir(paths.AFFINITY) as out:
-                torch.save({"model": net.state_dict() if net else None, "input_size": p.affinity.input_size},
-                           out / "affinity.pt")
-        for a, b in ranges:
-            part = objects.iloc[np.searchsorted(rows, a):np.searchsorted(rows, a) + (b - a)]
-            writer.write_table("train", a, np.stack([masks[int(r)] for r in part["ref_id"]]), part)
+        objects = select_objects(train, responses, prms_images, frozen, use_prms=p.prms,
+                                 off_choice=p.prms_off_choice, max_tokens=params.model.max_tokens,
+                                 calibration_size=calibration_size, device=device, seed=params.base.seed,
+                                 space=params.step1.calibration_mask_space,
+                                 align_corners=params.model.align_corners)
+        del frozen
+        writer.add_split("train", len(objects))
+        net, labels = train_shared_affinity(objects, responses, images, p, seed=params.base.seed,
+                                            device=device)
+        with atomic_dir(paths.AFFINITY) as out:
+            torch.save({"model": net.state_dict() if net else None, "input_size": p.affinity.input_size},
+                       out / "affinity.pt")
+        with refine_pool(p) as pool:
+            shards = iter_pseudo_mask_shards(objects, responses, images, p, net, labels,
+                                             writer.owned_ranges("train"), pool)
+            for a, b, shard, masks in shards:
+                part = shard.objects
+                writer.write_table("train", a, np.stack([masks[int(r)] for r in part["ref_id"]]), part)
+                # diagnostic: this shard's IoUs, against GT masks decoded for this shard only
+                gt = GroundTruth(refs.loc[part["ref_id"]].reset_index())
+                parts.append(local_quality(shard, masks, np.arange(a, b), p, gt))
 
-    # diagnostic report: per-object IoUs from every rank, in store order
-    local = local_quality(sel, masks, rows, p, GroundTruth(index.refs))
-    parts = [local]
-    if dist.enabled:
-        parts = [None] * dist.world_size
-        torch.distributed.all_gather_object(parts, local)
-    if dist.is_main:
-        report = pseudo_mask_report(parts, len(ref_order), p)
-        print(f"[make_pseudo_masks] {report}")
-        write_json(paths.REPORTS / "pseudo_masks.json", report)
-    dist.close()
+    report = pseudo_mask_report(parts, len(objects), p)
+    print(f"[make_pseudo_masks] {report}")
+    write_json(paths.REPORTS / "pseudo_masks.json", report)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,13 @@ Either way, ``frozen_clip.json`` records the frozen CLIP of calibration and PRMS
 open_clip tag / local path), loaded here for the same reason.
 Either way, report on val how often the frozen CLIP ranks the referred object's GT-masked image first,
 and how often it retrieves an image's own expression among 48 (diagnostics; training never reads masks).
+Weight files read from outside ``artifacts/clip`` (a local path, or a tag's cached file) must lie under
+``inputs.weights``, this stage's dvc.yaml dep, and their size and md5 go into ``artifacts/clip/weights.json``:
+a byte change re-runs this stage, changes its output and so re-runs every stage after it
+(:mod:`pipeline.inputs`).
 """
 
+import os
 from pathlib import Path
 
 import torch
@@ -21,9 +26,11 @@ from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.data.splits import require_eval_splits
 from pipeline.eval.clip_checks import expression_retrieval, masked_object_ranking
+from pipeline.inputs import MANIFEST_FILE, require_tracked, uncovered, weights_file, weights_manifest
 from pipeline.models.clip_artifact import (
     FROZEN_SPEC_FILE,
     FROZEN_WEIGHTS_FILE,
+    LOCAL_WEIGHTS,
     WEIGHTS_FILE,
     clip_spec,
     frozen_clip_spec,
@@ -46,8 +53,23 @@ def pretrain_frozen_clip(params: Params, out: Path, device: torch.device) -> dic
     return clip_spec(params.model.frozen_clip.name, FROZEN_WEIGHTS_FILE, tiny, params.model.max_tokens)
 
 
+def untracked_weights(params: Params) -> list[str]:
+    """The weight files this run reads that do not lie under ``inputs.weights`` (its dvc.yaml dep)."""
+    clip_p, frozen_p, declared = params.model.clip, params.model.frozen_clip, params.inputs.weights
+    reads = [("model.clip.pretrained", weights_file(clip_p.name, clip_p.pretrained))]
+    if frozen_p.name != "same":
+        reads.append(("model.frozen_clip.pretrained", weights_file(frozen_p.name, frozen_p.pretrained)))
+    reads = [(key, path) for key, path in reads if path is not None]
+    if not reads:
+        return []
+    folders = sorted({str(path.parent) for _, path in reads})
+    common = folders[0] if len(folders) == 1 else os.path.commonpath([os.path.abspath(f) for f in folders])
+    return uncovered(reads, "weights", declared, f"a folder holding them ({common!r})")
+
+
 def main() -> None:
     params, device = start_stage("pretrain_clip")
+    require_tracked("pretrain_clip", untracked_weights(params))
     clip_p = params.model.clip
     index = load_index(paths.INDEX)
     eval_splits = require_eval_splits("pretrain_clip", index, params.data.eval_splits)
@@ -69,6 +91,9 @@ def main() -> None:
         else:
             frozen_spec = frozen_clip_spec(frozen_p.name, frozen_p.pretrained, spec)
         write_clip_spec(out, frozen_spec, FROZEN_SPEC_FILE)
+        manifest = weights_manifest({"clip": spec, "frozen_clip": frozen_spec}, LOCAL_WEIGHTS)
+        if manifest is not None:
+            write_json(out / MANIFEST_FILE, manifest)
         if clip_p.pretrained != "embedded" and frozen_p.name != "same":
             load_clip(out)  # the trained CLIP's weights are not loaded below: check them now
         frozen = load_frozen_clip(out).to(device)

@@ -40,7 +40,8 @@ def main() -> None:
     frozen = load_frozen_clip(paths.CLIP)
     p = p.model_copy(update={"calibration_size": resolve_calibration_size(p.calibration_size, frozen)})
     run.run_stage(lambda: train_step1(model, frozen, bank, train, p, device, seed=params.base.seed,
-                                      max_tokens=params.model.max_tokens, run=run),
+                                      max_tokens=params.model.max_tokens,
+                                      align_corners=params.model.align_corners, run=run),
                   lambda trained: save_localiser(paths.STEP1 / "model.pt", trained, meta))
 
 

@@ -133,8 +133,9 @@ def test_paper_step1_params_are_the_readme_command_with_local_stand_ins(tmp_path
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(paper_step1.paper_params(tmp_path / "w", 100)))
     params = load_params(tmp_path / "params.yaml")
-    assert (params.model.clip.name, params.model.hidden_dim, params.step1.input_size) == ("RN50", 1024, 320)
-    assert params.model.frozen_clip.name == "ViT-B-32" and params.step1.calibration_size == "auto"
+    assert (params.model.clip.name, params.model.hidden_dim, params.step1.input_size) == (
+        "RN50-quickgelu", 1024, 320)
+    assert params.model.frozen_clip.name == "ViT-B-32-quickgelu" and params.step1.calibration_size == "auto"
     assert (params.step1.batch_size, params.step1.num_negatives, params.step1.calibration_negatives) == (
         48, 47, 6)
     assert params.model.clip.pretrained == str(tmp_path / "w" / "RN50-checkpoint.pt")

@@ -1,6 +1,6 @@
 """torchrun + DDP (gloo, 2 CPU processes) gives the single-process result: Step-1 and Step-2 weights
-within float tolerance, the same response store from a dump split across two writers, and the same
-pseudo-masks and report from make_pseudo_masks split across two ranks.
+within float tolerance, the same response store from a dump split across two writers; make_pseudo_masks
+ignores ``base.nproc`` and gives the same pseudo-masks and report with one or two refinement workers.
 
 Launched the way a user does it: ``base.nproc: 2`` in params.yaml makes each stage script re-execute
 itself under torchrun. BatchNorm is frozen (``freeze_batchnorm``) because gloo has no SyncBatchNorm:
@@ -88,14 +88,17 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         np.testing.assert_allclose(maps, stores[1][split][1], atol=2e-3)
     assert not list((work / "artifacts").glob(".responses.zarr.*")), "no temporary store may remain"
 
-    # pseudo-masks: ranks take alternate shards of objects; masks and report must not change
+    # pseudo-masks: one process with 1 or 2 refinement workers (pseudo_masks.workers, not base.nproc:
+    # the stage never starts torchrun); masks and report must not change
     results = []
-    for nproc in (1, 2):
-        write_params(work, {**FROZEN_BN, "base": {"nproc": nproc}, "pseudo_masks": {"shard_size": 8}})
-        run_stage(work, "make_pseudo_masks")
+    for workers in (1, 2):
+        write_params(work, {**FROZEN_BN, "base": {"nproc": 2},
+                            "pseudo_masks": {"shard_size": 8, "workers": workers}})
+        log = run_stage(work, "make_pseudo_masks")
+        assert "launching" not in log, "make_pseudo_masks must not read base.nproc"
         masks = open_pseudo_masks(work / "artifacts" / "pseudo_masks.zarr")
         ids = masks.ref_ids("train")
-        assert len(ids) > 16, "the test needs several shards per rank"
+        assert len(ids) > 16, "the test needs several shards"
         results.append((ids, np.stack([masks.get("train", int(r)) for r in ids]),
                         json.loads((work / "artifacts" / "reports" / "pseudo_masks.json").read_text())))
     np.testing.assert_array_equal(results[0][0], results[1][0])
@@ -199,3 +202,61 @@ def test_a_torchrun_worker_does_not_relaunch_itself(monkeypatch):
     argv = calls[0][1]
     assert argv[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc_per_node=2" in argv
     assert os.environ[distributed.LAUNCHED_ENV] == "1"  # its workers will refuse to re-launch again
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ranks on GPUs: N processes on fewer GPUs share them round-robin (fake device counts, no GPU needed)
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_rank_device_maps_local_ranks_round_robin_over_the_gpus():
+    assert [distributed.rank_device(r, 1) for r in range(4)] == [0, 0, 0, 0]  # base.nproc: 4 on one GPU
+    assert [distributed.rank_device(r, 2) for r in range(5)] == [0, 1, 0, 1, 0]
+    assert [distributed.rank_device(r, 8) for r in range(8)] == list(range(8))  # one GPU per rank
+    with pytest.raises(ValueError, match="no CUDA device"):
+        distributed.rank_device(0, 0)
+    with pytest.raises(ValueError, match="local rank"):
+        distributed.rank_device(-1, 2)
+
+
+def _fake_cuda_job(monkeypatch, gpus: int, local_rank: int, world: int) -> dict:
+    """``init_distributed`` as local rank ``local_rank`` of ``world`` on a node with ``gpus`` fake GPUs."""
+    seen: dict = {}
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda d: seen.setdefault("set", d))
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, timeout: seen.setdefault("backend", backend))
+    for name, value in {"LOCAL_RANK": local_rank, "RANK": local_rank, "WORLD_SIZE": world,
+                        "LOCAL_WORLD_SIZE": world}.items():
+        monkeypatch.setenv(name, str(value))
+    ctx, device = distributed.init_distributed(torch.device("cuda"))
+    seen.update(ctx=ctx, device=device)
+    return seen
+
+
+def test_n_processes_on_one_gpu_share_it_over_gloo(monkeypatch):
+    seen = _fake_cuda_job(monkeypatch, gpus=1, local_rank=3, world=4)
+    assert seen["device"] == torch.device("cuda", 0), "rank 3 of 4 asked for a GPU that is not there"
+    assert seen["set"] == torch.device("cuda", 0)
+    assert seen["backend"] == "gloo"  # NCCL refuses two ranks on one device
+    assert seen["ctx"].device == "cpu" and seen["ctx"].world_size == 4 and seen["ctx"].local_rank == 3
+
+
+def test_one_process_per_gpu_keeps_nccl_and_its_own_gpu(monkeypatch):
+    seen = _fake_cuda_job(monkeypatch, gpus=4, local_rank=3, world=4)
+    assert seen["device"] == torch.device("cuda", 3)
+    assert seen["backend"] == "nccl" and seen["ctx"].device == "cuda:3"
+
+
+def test_ranks_sharing_a_gpu_get_ddp_without_syncbatchnorm(monkeypatch):
+    """SyncBatchNorm needs NCCL; over gloo each rank normalises its own slice, as on CPU."""
+    built = {}
+    monkeypatch.setattr(distributed, "DistributedDataParallel",
+                        lambda model, **kw: built.update(model=model, **kw) or model)
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(2))
+    shared = distributed.DistContext(rank=1, world_size=2, local_rank=1, device="cpu")
+    shared.wrap(model, torch.device("cuda", 0))
+    assert isinstance(built["model"][0], torch.nn.BatchNorm2d) and built["device_ids"] == [0]
+    own = distributed.DistContext(rank=1, world_size=2, local_rank=1, device="cuda:1")
+    own.wrap(model, torch.device("cuda", 1))
+    assert isinstance(built["model"][0], torch.nn.SyncBatchNorm)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import re
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -31,8 +32,24 @@ INDIRECT_READS = {
 }
 
 
-def load_stages(path: Path = DVC_YAML) -> dict[str, dict]:
-    return yaml.safe_load(path.read_text())["stages"]
+INTERPOLATION = re.compile(r"\$\{([^}]+)\}")
+
+
+def interpolate(text: str, params: dict) -> str:
+    """``text`` with each ``${dotted.key}`` replaced by its value in ``params``, as DVC resolves dvc.yaml
+    against params.yaml (the real inputs' deps are ``${inputs.refs}`` and the like)."""
+    def value(match: re.Match) -> str:
+        node = params
+        for part in match[1].split("."):
+            node = node[part]
+        return str(node)
+
+    return INTERPOLATION.sub(value, text)
+
+
+def load_stages(path: Path = DVC_YAML, params_yaml: Path = ROOT / "params.yaml") -> dict[str, dict]:
+    """The stages of ``path`` with its ``${...}`` resolved against ``params_yaml``."""
+    return yaml.safe_load(interpolate(path.read_text(), yaml.safe_load(params_yaml.read_text())))["stages"]
 
 
 def stage_script(stage: dict) -> Path:

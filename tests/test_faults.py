@@ -92,7 +92,7 @@ def _dvc(repo: Path, *args: str, check: bool = True, timeout: float = 900) -> su
 
 def _make_repo(repo: Path, override: dict) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("stages", "pipeline"):
+    for name in ("stages", "pipeline", "models"):
         shutil.copytree(ROOT / name, repo / name, ignore=ignore)
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     write_params(repo, override)

@@ -60,7 +60,12 @@ def test_separate_frozen_clip_from_its_own_file(embedded_clip_dir, tmp_path_fact
 def test_open_clip_name_gets_its_own_spec():
     spec = frozen_clip_spec("ViT-B-32", "/models/ViT-B-32.pt", clip_spec("RN50", "/models/RN50.pt", None, 77))
     assert spec == {"name": "ViT-B-32", "pretrained": "/models/ViT-B-32.pt", "tiny": None,
-                    "context_length": 77}
+                    "context_length": 77, "quick_gelu": False}
+    # the spec records the activation the name builds: OpenAI's weights need a -quickgelu name
+    quick = frozen_clip_spec("ViT-B-32-quickgelu", "/m/ViT-B-32.pt", clip_spec("RN50-quickgelu", "/m/RN50.pt",
+                                                                              None, 77))
+    assert quick["quick_gelu"] is True
+    assert frozen_clip_spec("same", "same", clip_spec("RN50-quickgelu", "/m/RN50.pt", None, 77))["quick_gelu"]
 
 
 def test_bad_frozen_path_fails_fast_naming_it(embedded_clip_dir, tmp_path_factory):

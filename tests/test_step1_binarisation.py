@@ -41,7 +41,8 @@ def test_both_protocols_score_the_same_maps_with_the_same_point(tmp_path):
         w.add_split("val", 1)
         w.write("val", 0, response[None], sent_id=[7], ref_id=[1], image_id=[1], height=[8], width=[8])
     metrics, table = evaluate_responses(open_responses(store), "val", GroundTruth(_refs(gt)),
-                                        EvaluateParams(threshold=0.5, step2_threshold=0.5, gallery_size=4))
+                                        EvaluateParams(threshold=0.5, step2_threshold=0.5, gallery_size=4,
+                                                       acc_box="max_point"))
     authors = metrics[AUTHORS_KEY]
     assert authors["mIoU"] == pytest.approx(1.0) and metrics["mIoU"] < 0.5
     assert authors["PointM"] == metrics["PointM"] == 1.0 and authors["n"] == metrics["n"] == 1

@@ -7,7 +7,7 @@ outputs are probabilities already.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 
 import numpy as np
@@ -24,10 +24,14 @@ from pipeline.params import EvaluateParams
 from pipeline.store import RecordStore
 
 
-def upsample_response(response: np.ndarray, height: int, width: int) -> np.ndarray:
-    """A stored low-resolution response, bilinearly up-sampled to the original image size (raw values)."""
+def upsample_response(response: np.ndarray, height: int, width: int, *, align_corners: bool = False,
+                      input_size: int | None = None) -> np.ndarray:
+    """A stored low-resolution response, bilinearly up-sampled to the original image size (raw values).
+
+    ``align_corners`` (``model.align_corners``) with the store's ``input_size`` gives the authors' two
+    resizes (:func:`pipeline.maps.upsample`)."""
     low = torch.from_numpy(np.asarray(response, dtype=np.float32))[None]
-    return upsample(low, (height, width))[0].numpy()
+    return upsample(low, (height, width), align_corners=align_corners, via=input_size)[0].numpy()
 
 
 def response_to_prob(response: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -63,12 +67,13 @@ class GroundTruth:
 
 
 def score_maps(items: Iterable[tuple[int, int, np.ndarray]], gt: GroundTruth,
-               threshold: float) -> tuple[dict, pd.DataFrame]:
+               threshold: float, *, acc_box: str = "max_point") -> tuple[dict, pd.DataFrame]:
     """Score ``(sent_id, ref_id, prob_map at original size)`` items; return metrics and a per-sentence
-    table (used to pick best / median / worst cases for galleries)."""
+    table (used to pick best / median / worst cases for galleries). ``acc_box`` is
+    ``evaluate.acc_box`` (:func:`pipeline.eval.metrics.score_sentence`)."""
     records, scores = [], []
     for sent_id, ref_id, prob in items:
-        score = score_sentence(prob, gt.mask(ref_id), gt.box(ref_id), threshold)
+        score = score_sentence(prob, gt.mask(ref_id), gt.box(ref_id), threshold, acc_box=acc_box)
         scores.append(score)
         records.append({"sent_id": int(sent_id), "ref_id": int(ref_id), **asdict(score)})
     return aggregate(scores), pd.DataFrame.from_records(records)
@@ -77,21 +82,25 @@ def score_maps(items: Iterable[tuple[int, int, np.ndarray]], gt: GroundTruth,
 AUTHORS_KEY = "authors_binarisation"
 
 
-def evaluate_responses(store: RecordStore, split: str, gt: GroundTruth,
-                       params: EvaluateParams) -> tuple[dict, pd.DataFrame]:
+def evaluate_responses(store: RecordStore, split: str, gt: GroundTruth, params: EvaluateParams, *,
+                       align_corners: bool = False) -> tuple[dict, pd.DataFrame]:
     """Metrics of the Step-1 maps of one split (min-max normalised, binarised at ``params.threshold``),
     the chance PointM baselines beside them, and under ``authors_binarisation`` the same maps scored
     with the authors' binarisation (:func:`authors_binary`; the maximum point, hence PointM / PointIt,
-    is the same)."""
+    is the same). Acc_box follows ``params.acc_box``; maps are up-sampled as ``align_corners``
+    (``model.align_corners``) says, via the store's ``input_size``."""
+    input_size = int(store.attrs(split)["input_size"][0]) if align_corners else None
     records, ours, authors = [], [], []
     for batch in store.iter_batches(split, 256):
         for k in range(len(batch["sent_id"])):
             ref_id = int(batch["ref_id"][k])
-            raw = upsample_response(batch["response"][k], int(batch["height"][k]), int(batch["width"][k]))
+            raw = upsample_response(batch["response"][k], int(batch["height"][k]), int(batch["width"][k]),
+                                    align_corners=align_corners, input_size=input_size)
             prob = minmax_normalize(raw)
             mask, box = gt.mask(ref_id), gt.box(ref_id)
-            ours.append(score_sentence(prob, mask, box, params.threshold))
-            authors.append(score_sentence(prob, mask, box, binary=authors_binary(raw)))
+            rule = params.acc_box
+            ours.append(score_sentence(prob, mask, box, params.threshold, acc_box=rule))
+            authors.append(score_sentence(prob, mask, box, binary=authors_binary(raw), acc_box=rule))
             records.append({"sent_id": int(batch["sent_id"][k]), "ref_id": ref_id, **asdict(ours[-1])})
     if not records:
         raise ValueError(f"responses store: split {split!r} has no sentences")
@@ -104,8 +113,11 @@ def evaluate_responses(store: RecordStore, split: str, gt: GroundTruth,
 
 @torch.inference_mode()
 def iter_segmenter_probs(model: torch.nn.Module, bank: ImageBank, sentences: pd.DataFrame, batch_size: int,
-                         max_tokens: int, device: torch.device) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield ``(sent_id, ref_id, probability map at original size)`` of the Step-2 network."""
+                         max_tokens: int, device: torch.device, *, align_corners: bool = False
+                         ) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(sent_id, ref_id, probability map at original size)`` of the Step-2 network; its logits,
+    at the input size, are resized to the image with ``align_corners`` (``model.align_corners``; the
+    authors' evaluation: ``True``)."""
     model.to(device).eval()
     texts = sentences["text"].tolist()
     starts = range(0, len(sentences), batch_size)
@@ -119,8 +131,28 @@ def iter_segmenter_probs(model: torch.nn.Module, bank: ImageBank, sentences: pd.
         for k, row in enumerate(part.itertuples()):
             # up-sample logits, then sigmoid in float64: float32 saturates to exactly 1.0 past ~17,
             # which would turn the PointM / PointIt argmax into "first saturated pixel in raster order"
-            up = upsample(logits[k:k + 1], (int(row.height), int(row.width)))[0].double()
+            up = upsample(logits[k:k + 1], (int(row.height), int(row.width)),
+                          align_corners=align_corners)[0].double()
             yield int(row.sent_id), int(row.ref_id), torch.sigmoid(up).numpy()
+
+
+def val_miou_scorer(bank: ImageBank, val_sentences: pd.DataFrame, gt: GroundTruth, *, threshold: float,
+                    max_tokens: int, device: torch.device, align_corners: bool,
+                    batch_size: int = 32) -> Callable[[torch.nn.Module], float]:
+    """``model -> val mIoU`` as ``evaluate_step2`` computes it (``evaluate.step2_threshold``,
+    ``model.align_corners``): the score of ``step2.select: best_val``
+    (:class:`pipeline.train.selection.BestValSelection`). ``val_sentences`` is the val split's table;
+    only the val split's GT is read."""
+    if val_sentences.empty:
+        raise ValueError("step2.select: best_val needs a val split with sentences; the index has none")
+
+    def score(model: torch.nn.Module) -> float:
+        probs = iter_segmenter_probs(model, bank, val_sentences, batch_size, max_tokens, device,
+                                     align_corners=align_corners)
+        metrics, _ = score_maps(probs, gt, threshold)
+        return float(metrics["mIoU"])
+
+    return score
 
 
 def object_ious(masks: dict[int, np.ndarray], objects: pd.DataFrame, gt: GroundTruth) -> np.ndarray:

@@ -3,6 +3,12 @@
 The Step-1 localiser and the Step-2 segmenter checkpoints live here, below both the training stages
 that write them and the evaluation / inference code that reads them, so neither side imports the other
 (in particular, training does not import the ``predict`` CLI).
+
+Both checkpoints record ``quick_gelu``, the activation of the CLIP that was trained: GELU and QuickGELU
+share every weight, so a state dict loads strictly into either network, and only this record lets
+loading refuse the wrong one (an OpenAI ``RN50.pt`` trains QuickGELU; a rebuild from the bare name
+``RN50`` would be GELU). A checkpoint written before the record existed loads only for a tiny CLIP
+(GELU, the only activation those have, so the embedded default's checkpoints keep loading).
 """
 
 from __future__ import annotations
@@ -11,8 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import CheckpointError, load_torch, save_torch
-from pipeline.models.clip_artifact import load_clip
-from pipeline.models.clip_backbone import ClipBackbone, build_clip
+from pipeline.models.clip_artifact import SPEC_FILE, load_clip, read_clip_spec, recorded_quick_gelu
+from pipeline.models.clip_backbone import (
+    ActivationError,
+    ClipBackbone,
+    activation_name,
+    build_clip,
+    uses_quick_gelu,
+)
 from pipeline.models.segmenter import ReferringSegmenter
 from pipeline.models.step1 import TRISLocaliser
 
@@ -69,10 +81,27 @@ def _load_weights(path: Path, model: Any, state: dict) -> None:
                               f"({detail[:300]}{'...' if len(detail) > 300 else ''})") from err
 
 
+def _with_activation(meta: dict, model: Any) -> dict:
+    """``meta`` plus ``quick_gelu`` read from the network being saved; a ``quick_gelu`` already in
+    ``meta`` that the network contradicts is a bug in the caller and refused."""
+    built = uses_quick_gelu(model)
+    if "quick_gelu" in meta and meta["quick_gelu"] != built:
+        raise ValueError(f"checkpoint meta says quick_gelu={meta['quick_gelu']} but the network being saved "
+                         f"uses {activation_name(built)}")
+    return {**meta, "quick_gelu": built}
+
+
+def _refuse_activation(path: Path, recorded: bool, built: bool, source: str) -> None:
+    if recorded != built:
+        raise CheckpointError(f"{path}: trained with {activation_name(recorded)}, but {source} builds "
+                              f"{activation_name(built)}; refusing to run a different network")
+
+
 def save_localiser(path: Path, model: TRISLocaliser, meta: dict) -> None:
     """``meta`` (``pipeline.train.step1.localiser_meta``) holds clip_dir, hidden_dim, prompt, alpha, beta,
-    input_size, max_tokens, feature_stride, temperature and learn_temperature."""
-    save_torch(path, {"model": model.state_dict(), "meta": meta})
+    input_size, max_tokens, feature_stride, temperature and learn_temperature; ``quick_gelu`` (the
+    network's activation) is added here."""
+    save_torch(path, {"model": model.state_dict(), "meta": _with_activation(meta, model.backbone.clip)})
 
 
 def build_localiser(clip_dir: str | Path, meta: dict) -> TRISLocaliser:
@@ -90,14 +119,23 @@ def load_localiser(path: str | Path) -> tuple[TRISLocaliser, dict]:
         raise FileNotFoundError(f"{path}: Step-1 checkpoint missing; run the train_step1 stage")
     state = _read_checkpoint(path, "Step-1 localiser", LOCALISER_META_KEYS)
     _note_unfinished(path)
-    model = build_localiser(state["meta"]["clip_dir"], state["meta"])
+    meta = state["meta"]
+    spec_file = Path(meta["clip_dir"]) / SPEC_FILE
+    # the localiser's CLIP is the one clip_dir names; a meta without quick_gelu is read by that name
+    recorded = recorded_quick_gelu({**meta, "clip_name": read_clip_spec(meta["clip_dir"]).get("name")},
+                                   "clip_name", str(path))
+    try:
+        model = build_localiser(meta["clip_dir"], meta)
+    except ActivationError as err:
+        raise CheckpointError(f"{path}: its CLIP cannot be rebuilt: {err}") from err
+    _refuse_activation(path, recorded, uses_quick_gelu(model.backbone.clip), str(spec_file))
     _load_weights(path, model, state["model"])
-    return model.eval(), state["meta"]
+    return model.eval(), meta
 
 
 def save_segmenter(path: str | Path, model: ReferringSegmenter, meta: dict[str, Any]) -> None:
     """Atomically write ``{"model": state_dict, "meta": meta}``; ``meta`` must hold every key of
-    SEGMENTER_META_KEYS.
+    SEGMENTER_META_KEYS; ``quick_gelu`` (the network's activation) is added here.
 
     ``meta`` is what ``load_segmenter`` needs to rebuild the architecture without params.yaml, so a
     checkpoint stays usable on its own (e.g. copied to another machine for the predict CLI).
@@ -106,18 +144,22 @@ def save_segmenter(path: str | Path, model: ReferringSegmenter, meta: dict[str, 
     if missing:
         raise ValueError(f"segmenter meta lacks {missing}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_torch(path, {"model": state, "meta": dict(meta)})
+    save_torch(path, {"model": state, "meta": _with_activation(dict(meta), model.backbone.clip)})
 
 
 def load_segmenter(checkpoint_path: str | Path) -> tuple[ReferringSegmenter, dict[str, Any]]:
     """Rebuild the Step-2 network described by a checkpoint's meta and load its weights (CPU, eval mode).
 
-    The CLIP is built without pretrained weights: every CLIP parameter is in the state dict anyway.
+    The CLIP is built without pretrained weights: every CLIP parameter is in the state dict anyway. Its
+    activation must be the recorded ``quick_gelu``, else the checkpoint is refused in one line.
     """
-    ckpt = _read_checkpoint(Path(checkpoint_path), "Step-2 segmenter", SEGMENTER_META_KEYS)
-    _note_unfinished(Path(checkpoint_path))
+    path = Path(checkpoint_path)
+    ckpt = _read_checkpoint(path, "Step-2 segmenter", SEGMENTER_META_KEYS)
+    _note_unfinished(path)
     meta = ckpt["meta"]
+    recorded = recorded_quick_gelu(meta, "clip_name", str(path))
     clip = build_clip(meta["clip_name"], None, tiny=meta["clip_tiny"], context_length=meta["context_length"])
+    _refuse_activation(path, recorded, uses_quick_gelu(clip), f"model name {meta['clip_name']!r}")
     model = ReferringSegmenter(
         ClipBackbone(clip), fusion_dim=meta["fusion_dim"], decoder_dim=meta["decoder_dim"]
     )

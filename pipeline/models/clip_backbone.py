@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP, build_model_from_openai_state_dict
 from open_clip.modified_resnet import ModifiedResNet
-from open_clip.transformer import VisionTransformer, text_global_pool
+from open_clip.transformer import QuickGELU, VisionTransformer, text_global_pool
 from torch import nn
 
 from pipeline.atomic import CheckpointError
@@ -89,6 +89,55 @@ def tiny_clip_config(
     }
 
 
+class ActivationError(ValueError):
+    """CLIP weights and a model name (or a recorded activation) that disagree about GELU vs QuickGELU.
+
+    Both activations have no weights, so a state dict loads strictly into either network and the
+    mismatch would otherwise run a different function silently; its message is one line."""
+
+    stage_one_line = True  # a stage reports it as one line (pipeline.stage), not a traceback
+
+
+def activation_name(quick_gelu: bool) -> str:
+    return "QuickGELU" if quick_gelu else "GELU"
+
+
+def uses_quick_gelu(clip: nn.Module) -> bool:
+    """Whether ``clip`` computes QuickGELU (``x * sigmoid(1.702 x)``, OpenAI's CLIPs) rather than GELU.
+
+    Read from the built modules, not from a name, so a checkpoint records what actually ran."""
+    return any(isinstance(m, QuickGELU) for m in clip.modules())
+
+
+def name_quick_gelu(name: str) -> bool:
+    """The activation ``open_clip.create_model(name)`` builds: its model config's ``quick_gelu`` (the
+    ``-quickgelu`` names, e.g. ``RN50-quickgelu``, say true); the tiny CLIPs are GELU."""
+    if name in (TINY_RN, TINY_VIT) or name.startswith("hf-hub:"):  # hf-hub configs need the network
+        return False
+    cfg = open_clip.get_model_config(name)
+    return bool(cfg.get("quick_gelu", False)) if cfg else False
+
+
+def _name_for(name: str, quick_gelu: bool) -> str:
+    """The model name that builds ``name``'s architecture with the other activation, for an error's hint."""
+    base = name.removesuffix("-quickgelu")
+    other = f"{base}-quickgelu" if quick_gelu else base
+    return other if other in open_clip.list_models() else f"an open_clip name with quick_gelu={quick_gelu}"
+
+
+def _require_activation(name: str, weights_quick_gelu: bool, what: str) -> None:
+    """Refuse weights trained with one activation under a ``name`` that builds the other (``what``
+    names the weights); open_clip itself only warns for a tag and never checks a file."""
+    if name_quick_gelu(name) == weights_quick_gelu:
+        return
+    if name in (TINY_RN, TINY_VIT):
+        raise ActivationError(f"{what} was trained with {activation_name(weights_quick_gelu)}, but the tiny "
+                              f"CLIP {name!r} is GELU only")
+    raise ActivationError(f"{what} was trained with {activation_name(weights_quick_gelu)}, but model name "
+                          f"{name!r} builds {activation_name(not weights_quick_gelu)}; use "
+                          f"{_name_for(name, weights_quick_gelu)!r}")
+
+
 def _is_torchscript_archive(path: str) -> bool:
     """OpenAI's released ``RN50.pt`` etc. are TorchScript zips; they carry a ``constants.pkl`` member."""
     if not zipfile.is_zipfile(path):
@@ -106,16 +155,26 @@ def build_clip(
     *,
     tiny: dict | None = None,
     context_length: int = CLIP_CONTEXT_LENGTH,
+    quick_gelu: bool | None = None,
 ) -> CLIP:
     """Build a float32 ``open_clip`` CLIP, optionally loading weights, without ever touching the network.
+
+    The activation (GELU or QuickGELU) is the one ``name`` builds (:func:`name_quick_gelu`); weights
+    known to need the other are refused with :class:`ActivationError` rather than run through a
+    different network: an OpenAI TorchScript archive (its module tree names its activation class) and an
+    open_clip tag whose pretrained config says ``quick_gelu``. A plain state dict does not say (the
+    activation has no weights, and OpenAI's keys equal open_clip's), so there ``name`` decides.
+    ``quick_gelu``, when given, is the activation a checkpoint or spec recorded; a build giving the other
+    is refused too.
 
     * ``name`` ``'tiny-rn'`` / ``'tiny-vit'``: ``open_clip.CLIP(**tiny_clip_config(**tiny))``
       (``context_length`` is the default text context when ``tiny`` does not set one); otherwise an
       open_clip architecture name such as ``'RN50'`` or ``'RN50-quickgelu'``.
     * ``pretrained`` None / "" / "none": random initialisation.
     * ``pretrained`` an existing file: for an OpenAI TorchScript archive (``RN50.pt``) the architecture is
-      inferred from the weights as ``open_clip.load_openai_model`` does (QuickGELU; ``name`` only matters
-      for the tiny models); the archive's weights are read without running it
+      inferred from the weights as ``open_clip.load_openai_model`` does, with the archive's activation
+      (QuickGELU for OpenAI's, so ``name`` must be a ``-quickgelu`` one such as ``RN50-quickgelu``; the
+      size otherwise comes from the weights); the archive's weights are read without running it
       (:func:`read_torchscript_state_dict`). Any other file (plain state dict, or an open_clip training
       checkpoint ``{'state_dict': ...}`` with or without ``module.`` prefixes) goes through
       ``open_clip.load_checkpoint`` (weights-only) into the named architecture; plain OpenAI state dicts
@@ -133,6 +192,9 @@ def build_clip(
     elif tiny_name:
         raise FileNotFoundError(f"weights file {pretrained!r} for the tiny CLIP does not exist")
     else:
+        tag = open_clip.get_pretrained_cfg(name, pretrained)
+        if tag:  # e.g. RN50 + openai: open_clip warns and builds GELU for QuickGELU weights
+            _require_activation(name, bool(tag.get("quick_gelu", False)), f"open_clip tag {pretrained!r}")
         try:
             model = open_clip.create_model(name, pretrained=pretrained)
         except Exception as err:  # open_clip raises RuntimeError with a download hint
@@ -143,6 +205,10 @@ def build_clip(
             ) from err
     if not isinstance(model, CLIP):
         raise TypeError(f"expected an open_clip CLIP with a built-in text tower, got {type(model).__name__}")
+    built = uses_quick_gelu(model)
+    if quick_gelu is not None and built != quick_gelu:
+        raise ActivationError(f"CLIP {name!r} builds {activation_name(built)}, but "
+                              f"{activation_name(quick_gelu)} was recorded for it")
     return model.float()
 
 
@@ -153,19 +219,20 @@ def _load_local_weights(name: str, path: str, tiny: dict | None, context_length:
     tiny_name = name in (TINY_RN, TINY_VIT)
     try:
         if _is_torchscript_archive(path):
-            state = _torchscript_state_dict(path)
+            state, archive_quick_gelu = _torchscript_state_dict(path)
+            _require_activation(name, archive_quick_gelu, f"{path} (a TorchScript CLIP archive)")
             if tiny_name:
                 model = _build_architecture(name, tiny, context_length)
                 model.load_state_dict(state)
                 return model
             # what open_clip.load_openai_model does, minus its device/precision handling
-            return build_model_from_openai_state_dict(state, cast_dtype=None)
+            return build_model_from_openai_state_dict(state, quick_gelu=archive_quick_gelu, cast_dtype=None)
         if tiny_name:
             model = _build_architecture(name, tiny, context_length)
             open_clip.load_checkpoint(model, path)
             return model
         return open_clip.create_model(name, pretrained=path)
-    except (CheckpointError, MemoryError):
+    except (CheckpointError, ActivationError, MemoryError):
         raise
     except Exception as err:  # torch.load, open_clip and load_state_dict raise many types
         detail = " ".join(str(err).split()) or type(err).__name__
@@ -177,12 +244,19 @@ def _load_local_weights(name: str, path: str, tiny: dict | None, context_length:
                               f"file: {first})") from err
 
 
-def _torchscript_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Weights of a TorchScript CLIP, minus the metadata and causal mask that scripting also stores."""
-    state = read_torchscript_state_dict(path)
+def _torchscript_state_dict(path: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """Weights of a TorchScript CLIP, minus the metadata and causal mask that scripting also stores, and
+    whether its network uses QuickGELU.
+
+    The activation has no weights but is a module of the scripted tree, so the archive names its class
+    (``__torch__.clip.model.QuickGELU`` in OpenAI's, ``...activation.GELU`` in a scripted GELU CLIP). An
+    archive naming neither is taken to be OpenAI's, as ``open_clip.load_openai_model`` takes every one.
+    """
+    state, classes = _read_torchscript(path)
     for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
         state.pop(key, None)
-    return state
+    leaves = {qualname.rsplit(".", 1)[-1] for qualname in classes}
+    return state, "QuickGELU" in leaves or "GELU" not in leaves
 
 
 # --------------------------------------------------------------------- TorchScript weights, code unrun
@@ -368,6 +442,11 @@ def read_torchscript_state_dict(path: str | os.PathLike) -> dict[str, torch.Tens
     tensors keep their stored dtype. Raises :class:`CheckpointError` naming the file for an archive
     that is torn or holds anything but modules, tensors and plain values.
     """
+    return _read_torchscript(path)[0]
+
+
+def _read_torchscript(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """:func:`read_torchscript_state_dict` and the qualified names of the archive's module classes."""
     path = os.fspath(path)
     try:
         zf = zipfile.ZipFile(path)
@@ -427,7 +506,7 @@ def read_torchscript_state_dict(path: str | os.PathLike) -> dict[str, torch.Tens
                     flatten(value, f"{key_prefix}{name}.", (*path_ids, id(obj)))
 
         flatten(root, "", ())
-    return state
+    return state, set(unpickler.classes)
 
 
 def _build_architecture(name: str, tiny: dict | None, context_length: int) -> CLIP:

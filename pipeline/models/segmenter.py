@@ -15,6 +15,11 @@ attention module (PWAM) with its language gate:
 The decoder mirrors the encoder's four strides (32 -> 16 -> 8 -> 4) with skip connections and upsamples
 the stride-4 logit to the input resolution, so any input size (also one not divisible by 32) gives an
 ``H x W`` mask.
+
+Where the authors' code differs (docs/departures.md): their fusion works at each stage's own width and
+feeds the decoder only (nothing goes back into the encoder), their decoder's widths halve 512 -> 32, and
+each of its four levels has its own output and loss (deep supervision). Here the widths are
+``step2.fusion_dim`` / ``step2.decoder_dim``, sized for the embedded default's CPU budget.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ of ``M`` image embeddings with ``M`` text embeddings, not ``M^2`` encoder calls.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,71 +50,103 @@ class PrmsItem:
     text_emb: torch.Tensor
 
 
-def _masked(image01: torch.Tensor, responses: torch.Tensor, size: int) -> torch.Tensor:
+def _masked(image01: torch.Tensor, responses: torch.Tensor, size: int, space: str,
+            align_corners: bool) -> torch.Tensor:
     image01 = image01.to(responses.device, torch.float32)
     images = image01.unsqueeze(0).expand(len(responses), -1, -1, -1)
-    return mask_images(images, responses.float(), size)
+    return mask_images(images, responses.float(), size, space=space, align_corners=align_corners)
 
 
 @torch.no_grad()
-def select_batch(
+def iter_select(
     items: Iterable[PrmsItem],
     encode_image: Encoder,
     size: int,
     batch_size: int,
     similarity: Similarity = cosine_similarity,
-) -> list[tuple[int, torch.Tensor]]:
-    """PRMS (Eq. 10) for many objects: per item, the index of the selected response and the cumulative
-    scores ``(M,)``, with encoder batches of ``batch_size`` masked images shared across objects.
+    *,
+    space: str = "unit",
+    align_corners: bool = False,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """PRMS (Eq. 10) for many objects, streamed: per item, in order, the index of the selected response
+    and the cumulative scores ``(M,)``, with encoder batches of ``batch_size`` masked images shared
+    across objects.
 
-    ``encode_image`` maps ``(n, 3, size, size)`` CLIP-normalised images to ``(n, D)`` embeddings. With
+    ``encode_image`` maps ``(n, 3, size, size)`` CLIP-normalised images to ``(n, D)`` embeddings. Each
+    image is masked as calibration masks it (:func:`pipeline.maps.mask_images`: ``space`` is
+    ``step1.calibration_mask_space``, ``align_corners`` is ``model.align_corners``), at the side of the
+    item's ``image01``: the stage chooses that side (``pseudo_masks.prms_image``). With
     ``M == 1`` there is nothing to choose (the paper's identity case): index 0 is returned, the item
     never reaches the encoder and its score is NaN (not computed).
 
-    ``items`` may be a generator and is read once: only each item's text embeddings are kept, masked
-    images are flushed through the encoder as soon as a full batch is queued, so memory holds about one
-    batch of images plus the (small) image embeddings, never all the items' images at once.
+    ``items`` may be a generator and is read once. Masked images are flushed through the encoder as soon
+    as a full batch is queued, and an item's result is yielded as soon as all its images are encoded,
+    so memory holds about one batch of images and the embeddings of the items still waiting, however
+    many items there are. The encoder batches do not depend on how the caller consumes the results.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     queue: list[torch.Tensor] = []
     queued = 0
-    embeddings: list[torch.Tensor] = []
-    texts: list[torch.Tensor | None] = []  # None marks an M == 1 item
+    encoded: list[torch.Tensor] = []  # embeddings not yet handed to a waiting item
+    waiting: deque[torch.Tensor | None] = deque()  # text embeddings of items not yet yielded; None: M == 1
 
     def flush(final: bool) -> None:
         nonlocal queue, queued
         while queued >= batch_size or (final and queued > 0):
             images = torch.cat(queue)
-            embeddings.append(encode_image(images[:batch_size]).float().cpu())
+            encoded.append(encode_image(images[:batch_size]).float().cpu())
             rest = images[batch_size:]
             queue, queued = ([rest] if len(rest) else []), len(rest)
+
+    def ready() -> Iterator[tuple[int, torch.Tensor]]:
+        nonlocal encoded
+        available = torch.cat(encoded) if len(encoded) > 1 else (encoded[0] if encoded else torch.empty(0))
+        start = 0
+        while waiting:
+            text = waiting[0]
+            if text is None:
+                waiting.popleft()
+                yield 0, torch.full((1,), float("nan"))
+                continue
+            m = len(text)
+            if start + m > len(available):
+                break
+            waiting.popleft()
+            scores = cumulative_scores(available[start : start + m], text, similarity).float()
+            start += m
+            yield int(scores.argmax()), scores
+        encoded = [available[start:]] if start < len(available) else []
 
     for item in items:
         m = len(item.responses)
         if m == 0 or len(item.text_emb) != m:
             raise ValueError(f"{m} responses but {len(item.text_emb)} text embeddings")
         if m == 1:
-            texts.append(None)
-            continue
-        texts.append(item.text_emb.float().cpu())
-        queue.append(_masked(item.image01, item.responses, size))
-        queued += m
-        flush(final=False)
+            waiting.append(None)
+        else:
+            waiting.append(item.text_emb.float().cpu())
+            queue.append(_masked(item.image01, item.responses, size, space, align_corners))
+            queued += m
+            flush(final=False)
+        yield from ready()
     flush(final=True)
+    yield from ready()
 
-    all_emb = torch.cat(embeddings) if embeddings else torch.empty(0)
-    results: list[tuple[int, torch.Tensor]] = []
-    start = 0
-    for text in texts:
-        if text is None:
-            results.append((0, torch.full((1,), float("nan"))))
-            continue
-        m = len(text)
-        scores = cumulative_scores(all_emb[start : start + m], text, similarity).float()
-        start += m
-        results.append((int(scores.argmax()), scores))
-    return results
+
+def select_batch(
+    items: Iterable[PrmsItem],
+    encode_image: Encoder,
+    size: int,
+    batch_size: int,
+    similarity: Similarity = cosine_similarity,
+    *,
+    space: str = "unit",
+    align_corners: bool = False,
+) -> list[tuple[int, torch.Tensor]]:
+    """:func:`iter_select` collected into a list (one ``(index, scores)`` per item, in order)."""
+    return list(iter_select(items, encode_image, size, batch_size, similarity, space=space,
+                            align_corners=align_corners))
 
 
 def choose_without_prms(
@@ -140,5 +173,6 @@ __all__ = [
     "choose_without_prms",
     "cosine_similarity",
     "cumulative_scores",
+    "iter_select",
     "select_batch",
 ]

@@ -25,7 +25,8 @@ Keep = Literal["all", "largest", "argmax"]
 
 
 def refine_map(
-    image: np.ndarray, fg_map: np.ndarray, params: PseudoMaskParams, affinity_net: AffinityNet | None = None
+    image: np.ndarray, fg_map: np.ndarray, params: PseudoMaskParams, affinity_net: AffinityNet | None = None,
+    boundary: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Refined foreground map(s) in [0, 1] for a uint8 ``(H, W, 3)`` image, by ``params.refine``.
 
@@ -39,6 +40,9 @@ def refine_map(
     (stride-4 grid), the fg map area-downsampled to that grid, ``random_walk`` of ``fg * (1 - B)``,
     bilinear upsampling back to ``(H, W)`` and division by the maximum (IRN's ``rw_up / max``), per map.
     The confident labels that trained ``affinity_net`` come from :func:`pipeline.pseudo.crf.confident_labels`.
+    ``boundary`` (``irn`` only) is that boundary map computed beforehand, in place of ``affinity_net``: the
+    stage computes it in its main process, because the net's convolutions round differently with a
+    different number of torch threads, and its refinement workers run one thread each.
     """
     method = params.refine
     fg = np.clip(np.asarray(fg_map, dtype=np.float32), 0.0, 1.0)
@@ -51,9 +55,10 @@ def refine_map(
     elif method == "crf":
         out = np.stack([crf_refine(image, m, params.crf) for m in stack]).clip(0, 1).astype(np.float32)
     elif method == "irn":
-        if affinity_net is None:
-            raise ValueError("method='irn' needs a trained affinity_net")
-        boundary = predict_boundary(affinity_net, image, params.affinity.input_size)
+        if boundary is None:
+            if affinity_net is None:
+                raise ValueError("method='irn' needs a trained affinity_net or its boundary map")
+            boundary = predict_boundary(affinity_net, image, params.affinity.input_size)
         seeds = torch.from_numpy(stack).to(boundary.device)[:, None]
         seeds = F.interpolate(seeds, size=tuple(boundary.shape), mode="area")[:, 0]
         walk = params.random_walk

@@ -2,9 +2,10 @@
 
 Three stages of each object's mask are scored, so the report says where quality is won or lost: the
 first expression's map thresholded as is, PRMS's selected map thresholded as is, and the refined
-pseudo-mask. GT is read here for the report only; nothing trains on it. Under torchrun each rank scores
-its own objects (:func:`local_quality`) and the main rank puts them back in store order
-(:func:`pseudo_mask_report`).
+pseudo-mask. GT is read here for the report only; nothing trains on it. The stage scores each store
+shard as it is written (:func:`local_quality`, with GT masks decoded for that shard only) and keeps just
+the per-object IoUs (three floats an object); :func:`pseudo_mask_report` puts the shards' parts together
+in store order, so the report is the one an all-at-once scoring gives, without holding any mask.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pipeline.pseudo.refine import to_pseudo_mask
 
 def local_quality(selection: Selection, masks: dict[int, np.ndarray], rows: np.ndarray,
                   params: PseudoMaskParams, gt: GroundTruth) -> dict:
-    """Per-object IoUs of this rank's objects (``rows`` are their places in the store)."""
+    """Per-object IoUs of one part of the objects, e.g. a shard (``rows`` are their places in the store)."""
     objects = selection.objects
     raw = {r: to_pseudo_mask(selection.fg_maps[r], params.threshold, params.keep) for r in selection.fg_maps}
     first = {r: to_pseudo_mask(selection.first_maps[r], params.threshold, params.keep)
@@ -32,7 +33,7 @@ def local_quality(selection: Selection, masks: dict[int, np.ndarray], rows: np.n
 
 
 def pseudo_mask_report(parts: Sequence[dict], n_objects: int, params: PseudoMaskParams) -> dict:
-    """The report from every rank's :func:`local_quality`, objects in store order."""
+    """The report from every part's :func:`local_quality`, objects in store order."""
     order = np.argsort(np.concatenate([q["rows"] for q in parts]), kind="stable")
 
     def cat(key: str) -> np.ndarray:

@@ -7,6 +7,12 @@ fingerprint, DVCLive logging and finishing (final save, then ``resume.pt`` delet
 interrupted run resumes). :func:`fit` owns the NaN guard, the optimiser and scheduler steps, DDP loss
 weighting and logging, and the per-epoch atomic resume state, which includes every random generator the
 training carries across epochs, so a resumed run is byte-identical to an uninterrupted one.
+
+A step reads nothing back from the device: its loss terms stay there (:class:`_TermLog`) and are copied
+to the host in one transfer every :attr:`Training.log_every` steps and at the epoch's end, where the NaN
+guard checks them (before any checkpoint) and the epoch means add them up. On a GPU a per-step read
+(``float(loss)``, ``bool(isfinite)``) would make the host wait for the queued kernels at every step, ten
+times a step here before, and leave the GPU idle while the host prepares the next one.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from __future__ import annotations
 import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,7 @@ from pipeline.atomic import CheckpointError, load_torch, save_torch
 from pipeline.distributed import SINGLE_PROCESS, DistContext
 from pipeline.progress import progress
 from pipeline.stage import StageTimer
-from pipeline.train.common import check_finite, fingerprint, reduce_terms, set_train_mode, training_code
+from pipeline.train.common import check_finite, fingerprint, set_train_mode, stack_terms, training_code
 
 Generator = np.random.Generator | torch.Generator
 
@@ -62,6 +68,7 @@ class Training(ABC):
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     epochs: int
     freeze_batchnorm: bool = False
+    log_every: int = 20  # steps between host reads of the loss terms (progress bar, NaN guard)
 
     @abstractmethod
     def epoch(self, epoch: int) -> Epoch:
@@ -222,15 +229,37 @@ class TrainingRun:
         self.dist.barrier()
 
 
-@dataclass
-class _EpochSums:
-    """Per-term sums of the reduced loss terms, in step order (the logged means divide them)."""
+class _TermLog:
+    """An epoch's loss terms: kept on the device per step, read to the host a block of steps at a time.
 
-    sums: dict[str, float] = field(default_factory=dict)
+    :meth:`read` copies every pending step's terms in one transfer (the loop's one host sync per log
+    interval), checks them step by step in step order (:func:`check_finite` names the first bad step and
+    the steps read with it) and adds them to the epoch sums in step order: the same float64 additions of
+    the same values as a read after every step, so the logged means are unchanged.
+    """
 
-    def add(self, values: dict[str, float]) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+    def __init__(self, stage: str, epoch: int) -> None:
+        self.stage, self.epoch = stage, epoch
+        self.pending: list[tuple[int, list[str], torch.Tensor]] = []  # (step, term names, float64 values)
+        self.sums: dict[str, float] = {}
+        self.last: dict[str, float] = {}  # the last read step's terms (the progress bar shows them)
+
+    def add(self, step: int, names: list[str], values: torch.Tensor) -> None:
+        self.pending.append((step, names, values))
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        flat = torch.cat([values for _, _, values in self.pending]).tolist()  # the one host read
+        first, last, at = self.pending[0][0], self.pending[-1][0], 0
+        for step, names, _ in self.pending:
+            terms = dict(zip(names, flat[at:at + len(names)], strict=True))
+            at += len(names)
+            check_finite(self.stage, self.epoch, step, terms, steps=(first, last))
+            for k, v in terms.items():
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            self.last = terms
+        self.pending.clear()
 
     def means(self, size: int) -> dict[str, float]:
         return {k: v / max(1, size) for k, v in self.sums.items()}
@@ -241,7 +270,8 @@ def fit(training: Training, run: TrainingRun | None = None) -> nn.Module:
 
     Continues after the run's checkpoint when it has one. Every rank runs the same steps (under DDP the
     gradient average comes from the wrapped ``net``); rank 0 alone prints, logs and checkpoints, and all
-    ranks meet at a barrier after each epoch.
+    ranks meet at a barrier after each epoch. The loss terms are read and checked for NaN every
+    ``training.log_every`` steps and at each epoch's end, always before the checkpoint.
     """
     run = run or TrainingRun(training.name)
     dist = run.dist
@@ -249,12 +279,12 @@ def fit(training: Training, run: TrainingRun | None = None) -> nn.Module:
     for epoch in range(start_epoch, training.epochs):
         set_train_mode(training.net, training.freeze_batchnorm)
         work = training.epoch(epoch)
-        sums = _EpochSums()
+        log = _TermLog(training.name, epoch)
         bar = progress(work.inputs, total=work.size, desc=f"{training.name} {epoch + 1}/{training.epochs}",
                        disable=not dist.is_main or None)
         for item in bar:
             out = training.step(item)
-            check_finite(training.name, epoch, step, out.terms)
+            log.add(step, list(out.terms), stack_terms(out.terms, dist, out.share))  # queued, not read
             training.optimizer.zero_grad(set_to_none=True)
             (out.loss if out.weight == 1.0 else out.loss * out.weight).backward()
             training.optimizer.step()
@@ -262,10 +292,11 @@ def fit(training: Training, run: TrainingRun | None = None) -> nn.Module:
                 training.scheduler.step()
             training.after_step()
             step += 1
-            reduced = reduce_terms(out.terms, dist, out.share)
-            sums.add(reduced)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in list(reduced.items())[:2]})
-        means = sums.means(work.size)
+            if len(log.pending) >= training.log_every:
+                log.read()
+                bar.set_postfix({k: f"{v:.3f}" for k, v in list(log.last.items())[:2]})
+        log.read()  # the epoch's last steps, checked before the checkpoint below
+        means = log.means(work.size)
         if dist.is_main:
             print(f"{training.name} epoch {epoch + 1}/{training.epochs}: "
                   + ", ".join(f"{k}={v:.4f}" for k, v in means.items()))

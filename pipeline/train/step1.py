@@ -22,6 +22,7 @@ from pipeline.models.clip_backbone import FrozenClip, encode_texts
 from pipeline.models.step1 import TRISLocaliser
 from pipeline.params import Params, Step1Params
 from pipeline.runtime import autocast, channels_last, to_channels_last
+from pipeline.train.common import to_device
 from pipeline.train.loop import StepOut, TrainingRun, fit
 from pipeline.train.sentences import SentenceTraining
 
@@ -47,19 +48,36 @@ class CalibrationNegatives:
         }
 
     def sample(self, rows: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-        """``(B, K)`` row indices; same-image other-object rows first, then random other-image rows."""
+        """``(B, K)`` row indices; same-image other-object rows first, then random other-image rows.
+
+        Each row's draws (a permutation, then the top-up) come in row order from ``rng``, as they did
+        when the top-up drew one candidate at a time: a row needing ``m`` more draws ``m`` at once (the
+        same values, ``integers`` with a size continues the scalar stream), keeps the other-image ones
+        and draws again for the rejects only, so no draw is made that the one-at-a-time loop would not
+        make and a seed gives the same negatives. Rows cannot share one draw: the next row's permutation
+        sits between two rows' top-ups in the stream.
+        """
         out = np.empty((len(rows), k), dtype=np.int64)
         n = len(self.image_ids)
         for i, row in enumerate(rows):
-            same = self.by_image[int(self.image_ids[row])]
-            others = same[self.ref_ids[same] != self.ref_ids[row]]
-            chosen = list(rng.permutation(others)[:k])
-            while len(chosen) < k:
-                cand = int(rng.integers(n))
-                if self.image_ids[cand] != self.image_ids[row]:
-                    chosen.append(cand)
-            out[i] = chosen
+            image = self.image_ids[row]
+            same = self.by_image[int(image)]
+            chosen = rng.permutation(same[self.ref_ids[same] != self.ref_ids[row]])[:k]
+            filled = len(chosen)
+            out[i, :filled] = chosen
+            while filled < k:
+                drawn = rng.integers(n, size=k - filled)
+                kept = drawn[self.image_ids[drawn] != image]
+                out[i, filled:filled + len(kept)] = kept
+                filled += len(kept)
         return out
+
+
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each run of equal consecutive ``values``."""
+    cuts = np.flatnonzero(np.diff(values)) + 1
+    bounds = [0, *cuts.tolist(), len(values)]
+    return list(zip(bounds[:-1], bounds[1:], strict=False))
 
 
 def classification_targets(batch_images: np.ndarray, query_images: np.ndarray, num_negatives: int,
@@ -67,32 +85,36 @@ def classification_targets(batch_images: np.ndarray, query_images: np.ndarray, n
     """Targets and validity for Eq. 7 with queries = [batch sentences..., extra sentences...].
 
     Query j is the positive of image i when j == i. Negatives are drawn only among queries of OTHER
-    images (never another expression of the same image), ``num_negatives`` per image.
+    images (never another expression of the same image), ``num_negatives`` per image: a permutation of
+    each image's candidates, in image order. Consecutive images with as many candidates (all of them in
+    a batch of distinct images) are permuted by one ``rng.permuted`` call, which shuffles row after row
+    with the draws of one ``rng.permutation`` per row, so a seed gives the same negatives.
     """
     b, q = len(batch_images), len(query_images)
-    targets = torch.zeros(b, q)
-    valid = torch.zeros(b, q, dtype=torch.bool)
-    for i in range(b):
-        targets[i, i] = 1.0
-        valid[i, i] = True
-        candidates = np.flatnonzero(query_images != batch_images[i])
-        chosen = rng.permutation(candidates)[:num_negatives]
-        valid[i, chosen] = True
-    return targets, valid
+    other = query_images[None, :] != batch_images[:, None]  # (b, q): candidate negatives of each image
+    counts = other.sum(axis=1)
+    valid = np.zeros((b, q), dtype=bool)
+    valid[np.arange(b), np.arange(b)] = True
+    for start, stop in _runs(counts):
+        candidates = np.nonzero(other[start:stop])[1].reshape(stop - start, counts[start])
+        chosen = rng.permuted(candidates, axis=1)[:, :num_negatives]
+        valid[np.arange(start, stop)[:, None], chosen] = True
+    return torch.eye(b, q), torch.from_numpy(valid)
 
 
 def extra_negative_rows(batch_rows: np.ndarray, image_ids: np.ndarray, count: int,
                         rng: np.random.Generator) -> np.ndarray:
-    """``count`` dataset sentences from images outside the batch, for N > B - 1."""
+    """``count`` dataset sentences from images outside the batch, for N > B - 1 (drawn as
+    :meth:`CalibrationNegatives.sample` tops up: the one-at-a-time draws, taken as many at once as are
+    still missing)."""
     if count <= 0:
         return np.empty(0, dtype=np.int64)
-    banned = set(image_ids[batch_rows].tolist())
-    out: list[int] = []
+    banned = np.unique(image_ids[batch_rows])
+    out = np.empty(0, dtype=np.int64)
     while len(out) < count:
-        cand = int(rng.integers(len(image_ids)))
-        if int(image_ids[cand]) not in banned:
-            out.append(cand)
-    return np.asarray(out, dtype=np.int64)
+        drawn = rng.integers(len(image_ids), size=count - len(out))
+        out = np.concatenate([out, drawn[~np.isin(image_ids[drawn], banned)]])
+    return out.astype(np.int64)
 
 
 class Step1Training(SentenceTraining):
@@ -102,8 +124,9 @@ class Step1Training(SentenceTraining):
 
     def __init__(self, model: TRISLocaliser, frozen: FrozenClip, bank: ImageBank, sentences: pd.DataFrame,
                  p: Step1Params, device: torch.device, *, seed: int, max_tokens: int,
-                 dist: DistContext = SINGLE_PROCESS) -> None:
+                 dist: DistContext = SINGLE_PROCESS, align_corners: bool = False) -> None:
         to_channels_last(model.to(device))
+        self.align_corners = align_corners  # model.align_corners: how Eq. 9 resizes the map
         self.frozen = to_channels_last(frozen.to(device))
         self.use_cal = p.calibration_positive or p.calibration_negative
         texts = sentences["text"].tolist()
@@ -121,23 +144,28 @@ class Step1Training(SentenceTraining):
         query_rows = np.concatenate([rows, extra])
         targets, valid = classification_targets(image_ids[rows], image_ids[query_rows], p.num_negatives, rng)
         local = dist.local_slice(len(rows))  # this rank's images; every rank scores all queries
-        tokens = self.tokens_all[query_rows].to(device)
+        # host data goes to the device with asynchronous copies (to_device): nothing here waits for the GPU
+        tokens = to_device(self.tokens_all[query_rows], device)
         with autocast(device, p.amp):
             responses = self.net(channels_last(clip_normalize(images01)), tokens)  # (b, Q, h, w), Eq. 2
             scores = image_level_scores(responses.float(), p.focal_power, p.focal_eps)  # Eq. 6
-        l_cls = classification_loss(scores, targets[local].to(device), valid[local].to(device))  # Eq. 7
+        l_cls = classification_loss(scores, to_device(targets[local], device),
+                                    to_device(valid[local], device))  # Eq. 7
         terms = {"cls": l_cls}
         loss = p.cls_weight * l_cls
         if self.use_cal:
-            own = torch.as_tensor(local, device=device)  # query index of each image's own sentence
+            own = to_device(local, device)  # query index of each image's own sentence
             positive = responses[torch.arange(len(local), device=device), own].float()  # R^p
             with autocast(device, p.amp):
                 masked_emb = self.frozen.encode_image(
-                    channels_last(mask_images(images01, positive, p.calibration_size)))
+                    channels_last(mask_images(images01, positive, p.calibration_size,
+                                              space=p.calibration_mask_space,
+                                              align_corners=self.align_corners)))
             # sampled for the whole batch so every rank's RNG stays in step
             neg_rows = self.negatives.sample(rows, p.calibration_negatives, rng)[local]
             l_cal, cal_terms = calibration_loss(  # Eq. 8-9
-                masked_emb.float(), self.text_emb[rows[local]], self.text_emb[neg_rows],
+                masked_emb.float(), self.text_emb[to_device(rows[local], device)],
+                self.text_emb[to_device(neg_rows, device)],
                 torch.ones(neg_rows.shape, dtype=torch.bool, device=device),
                 use_positive=p.calibration_positive, use_negative=p.calibration_negative,
                 mode=p.calibration_score, negative_reduction=p.calibration_negative_reduction,
@@ -156,7 +184,7 @@ class Step1Training(SentenceTraining):
 
 def train_step1(model: TRISLocaliser, frozen: FrozenClip, bank: ImageBank, sentences: pd.DataFrame,
                 p: Step1Params, device: torch.device, *, seed: int, max_tokens: int,
-                run: TrainingRun | None = None) -> TRISLocaliser:
+                run: TrainingRun | None = None, align_corners: bool = False) -> TRISLocaliser:
     """Train ``model`` in place with the settings ``p`` (``params.step1``); continues ``run``'s
     checkpoint when it has one.
 
@@ -167,4 +195,4 @@ def train_step1(model: TRISLocaliser, frozen: FrozenClip, bank: ImageBank, sente
     """
     run = run or TrainingRun("train_step1")
     return fit(Step1Training(model, frozen, bank, sentences, p, device, seed=seed, max_tokens=max_tokens,
-                             dist=run.dist), run)
+                             align_corners=align_corners, dist=run.dist), run)

@@ -15,7 +15,9 @@ from pipeline.maps import clip_normalize
 from pipeline.models.segmenter import IGNORE_INDEX, ReferringSegmenter, segmentation_loss
 from pipeline.params import Step2Params
 from pipeline.runtime import autocast, channels_last, to_channels_last
-from pipeline.train.loop import StepOut, TrainingRun, fit
+from pipeline.train.common import to_device
+from pipeline.train.loop import Epoch, StepOut, TrainingRun, fit
+from pipeline.train.selection import BestValSelection
 from pipeline.train.sentences import SentenceTraining
 
 
@@ -36,7 +38,9 @@ class Step2Training(SentenceTraining):
 
     def __init__(self, model: ReferringSegmenter, bank: ImageBank, sentences: pd.DataFrame,
                  masks_by_ref: dict[int, np.ndarray], p: Step2Params, device: torch.device, *, seed: int,
-                 max_tokens: int, dist: DistContext = SINGLE_PROCESS) -> None:
+                 max_tokens: int, dist: DistContext = SINGLE_PROCESS,
+                 selection: BestValSelection | None = None) -> None:
+        self.selection, self.epochs_done = selection, 0  # step2.select: best_val (rank 0 only)
         sentences = sentences[sentences["ref_id"].isin(masks_by_ref.keys())].reset_index(drop=True)
         if sentences.empty:
             raise ValueError("train_step2: no train sentence has a pseudo-mask")
@@ -44,15 +48,23 @@ class Step2Training(SentenceTraining):
         self.masks_by_ref = masks_by_ref
         self.setup(model, bank, sentences, p, device, seed, max_tokens, dist)
 
+    def epoch(self, epoch: int) -> Epoch:
+        self.epochs_done = epoch + 1
+        return super().epoch(epoch)
+
+    def metrics(self) -> dict[str, float]:
+        """With step2.select = best_val: this epoch's val mIoU, its weights kept if the best so far."""
+        return self.selection.observe(self.model, self.epochs_done) if self.selection else {}
+
     def step(self, item: tuple[np.ndarray, torch.Tensor]) -> StepOut:
         """This rank's slice of the batch; its loss weighted by its share of the valid pixels."""
         batch_rows, images01 = item
         dist, device = self.dist, self.device
         rows = batch_rows[dist.local_slice(len(batch_rows))]
         images = channels_last(clip_normalize(images01))
-        tokens = self.tokens_all[rows].to(device)
-        target = masks_to_input_size(np.stack([self.masks_by_ref[int(r)] for r in self.ref_ids[rows]]),
-                                     self.bank.size).to(device)
+        tokens = to_device(self.tokens_all[rows], device)  # asynchronous copies: no wait for the GPU
+        masks = np.stack([self.masks_by_ref[int(r)] for r in self.ref_ids[rows]])
+        target = to_device(masks_to_input_size(masks, self.bank.size), device)
         with autocast(device, self.p.amp):
             logits = self.net(images, tokens)
         loss = segmentation_loss(logits.float(), target)
@@ -66,7 +78,8 @@ class Step2Training(SentenceTraining):
 
 def train_step2(model: ReferringSegmenter, bank: ImageBank, sentences: pd.DataFrame,
                 masks_by_ref: dict[int, np.ndarray], p: Step2Params, device: torch.device, *, seed: int,
-                max_tokens: int, run: TrainingRun | None = None) -> ReferringSegmenter:
+                max_tokens: int, run: TrainingRun | None = None,
+                selection: BestValSelection | None = None) -> ReferringSegmenter:
     """Train on ``sentences`` whose ``ref_id`` has a pseudo-mask in ``masks_by_ref``, with the settings
     ``p`` (``params.step2``); continues ``run``'s checkpoint when it has one.
 
@@ -74,5 +87,6 @@ def train_step2(model: ReferringSegmenter, bank: ImageBank, sentences: pd.DataFr
     so DDP's averaged gradient is the single-process one; rank 0 alone logs and checkpoints.
     """
     run = run or TrainingRun("train_step2")
-    return fit(Step2Training(model, bank, sentences, masks_by_ref, p, device, seed=seed,
-                             max_tokens=max_tokens, dist=run.dist), run)
+    model = fit(Step2Training(model, bank, sentences, masks_by_ref, p, device, seed=seed,
+                              max_tokens=max_tokens, dist=run.dist, selection=selection), run)
+    return selection.select(model) if selection else model
