@@ -27,7 +27,7 @@ deps:
 bench: install
 	$(PYTHON) -m bench
 
-# build the embedded web CLIP from weights/web-clip/recipe.yaml into weights/web-clip (about 15 min on
-# the 2-core CPU; docs/embedded-default-study.md, "An embedded web CLIP")
+# build the embedded web CLIP from weights/web-clip/recipe.yaml into weights/web-clip (about 22 min on
+# the 2-core CPU; docs/embedded-default-study.md, "An embedded web CLIP: first builds")
 web-clip: install
 	$(PYTHON) scripts/build_web_clip.py

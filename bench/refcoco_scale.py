@@ -439,7 +439,7 @@ def report(r: dict) -> str:
         f"**x{c['workers_speedup']:.2f}** (goal >= 1.7) |",
         f"| decode + stretch one 640x480 JPEG to 320 px (a training image past the cache) | "
         f"{1000 * c['decode_320_s']:.1f} ms |",
-        f"| RefCOCO train images past ImageBank's 2 GB cache at 320 px, per epoch | {e['uncached']:,} of "
+        f"| train images past ImageBank's 2 GB cache at 320 px, per RefCOCO epoch | {e['uncached']:,} of "
         f"{e['uncached'] + e['cached']:,} images, {e['decodes_per_epoch']:,.0f} decodes: "
         f"{e['one_thread_s']:.0f} s on one thread, {e['pool_s']:.0f} s on 8 |", "",
         "PROJECTED make_pseudo_masks wall time on the train split (per-object costs above / (N x "
