@@ -118,12 +118,12 @@ class WebCorpusBatches:
         for r in rows:
             for t, m in zip(self.texts[r], self.meanings[r], strict=True):
                 texts.setdefault(t, m)
-        order = list(texts)
+        column = {t: k for k, t in enumerate(texts)}
         table = positives([self.pictures[r] for r in rows], list(texts.values()))
         for i, r in enumerate(rows):
             for t in self.texts[r]:
-                table[i, order.index(t)] = True
-        tokens = self.tokens[[self.column[t] for t in order]]
+                table[i, column[t]] = True
+        tokens = self.tokens[[self.column[t] for t in column]]
         return self.images[rows].float().div(255), tokens, torch.from_numpy(table)
 
 
@@ -142,8 +142,8 @@ class WebClipPretraining(Training):
             (no_decay if param.ndim < 2 or "logit_scale" in name else decay).append(param)
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr)
-        steps = recipe.epochs * len(self._batches(np.random.default_rng(0)))
-        self.scheduler = warmup_cosine_scheduler(self.optimizer, steps, recipe.warmup_steps)
+        self.total_steps = recipe.epochs * len(self._batches(np.random.default_rng(0)))
+        self.scheduler = warmup_cosine_scheduler(self.optimizer, self.total_steps, recipe.warmup_steps)
 
     def _batches(self, rng: np.random.Generator) -> list[np.ndarray]:
         """Groups in a random order, packed into batches of about ``batch_size`` pictures."""
@@ -192,11 +192,10 @@ def build_web_clip(recipe: WebClipRecipe, device: torch.device) -> tuple[nn.Modu
     corpus_seconds = time.time() - started
     training = WebClipPretraining(model, corpus, recipe, device)
     model = fit(training, TrainingRun("build_web_clip"))
-    steps = recipe.epochs * len(training._batches(np.random.default_rng(0)))
     return model, {
         "seed": recipe.seed, "groups": recipe.groups, "pictures": len(corpus.pictures),
         "captions": len(corpus.column), "noisy_pictures": int(corpus.noisy.sum()),
-        "visible_objects_mean": mean_objects(groups), "steps": steps, "epochs": recipe.epochs,
+        "visible_objects_mean": mean_objects(groups), "steps": training.total_steps, "epochs": recipe.epochs,
         "corpus_seconds": round(corpus_seconds, 1), "seconds": round(time.time() - started, 1),
         "device": str(device), "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
