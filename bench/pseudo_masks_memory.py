@@ -13,10 +13,13 @@ for real). Then the stage script itself runs in a fresh interpreter with the rep
 - ``ru_maxrss`` of the job (the largest single process, from ``wait4``).
 
 The stage streams, so these must not grow with the number of objects; the figure to read is the
-growth per 1,000 objects between the two sizes. ``--code DIR`` runs another checkout's stage (e.g. the
-code before streaming) on the same sets.
+growth per 1,000 objects between the two sizes. A peak is set by short-lived arrays (an affinity
+batch, an encoder batch) and moves by some tens of MiB from run to run of the same set, so
+``--repeat`` runs each set again and the growth is taken between the sizes' means. ``--code DIR``
+runs another checkout's stage (e.g. the code before streaming) on the same sets.
 
     python -m bench.pseudo_masks_memory                          # 2,200 and 4,400 train objects
+    python -m bench.pseudo_masks_memory --objects 2200 6600 --repeat 2  # the README's figures
     python -m bench.pseudo_masks_memory --objects 2000 8000 --workers 16
 """
 
@@ -120,14 +123,14 @@ def run_stage(work: Path, code: Path) -> dict:
             "n_objects": report["n_objects"]}
 
 
-def measure(objects: int, workers: int, code: Path, keep: Path | None) -> dict:
-    """Build a set of ``objects`` train objects and measure the stage on it."""
+def measure(objects: int, workers: int, code: Path, keep: Path | None, repeat: int = 1) -> list[dict]:
+    """Build a set of ``objects`` train objects and measure the stage on it ``repeat`` times."""
     clip = ROOT / "artifacts" / "clip"
     require(clip)
     work = Path(tempfile.mkdtemp(prefix=f"tris-pm-{objects}-")) if keep is None else keep / str(objects)
     try:
         counts = build_workdir(work, objects, workers, clip)
-        return {**counts, **run_stage(work, code)}
+        return [{**counts, **run_stage(work, code)} for _ in range(repeat)]
     finally:
         if keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -144,14 +147,18 @@ def report(rows: list[dict], workers: int, code: Path) -> str:
                      f"({r['wall_s']:.0f} s with start-up) | {r['main_rss'] / mib:,.0f} MiB | "
                      f"{r['tree_pss'] / mib:,.0f} MiB ({r['processes']} processes) | "
                      f"{r['ru_maxrss'] / mib:,.0f} MiB |")
-    if len(rows) > 1:
-        a, b = rows[0], rows[-1]
-        per_k = 1000 / (b["objects"] - a["objects"])
-        main_growth = (b["main_rss"] - a["main_rss"]) * per_k / mib
-        pss_growth = (b["tree_pss"] - a["tree_pss"]) * per_k / mib
-        lines += ["", f"growth per 1,000 objects: main RSS {main_growth:+.1f} MiB, all-process PSS "
-                  f"{pss_growth:+.1f} MiB, time "
-                  f"{(b['stage_s'] - a['stage_s']) * per_k:.0f} s"]
+    sizes = sorted({r["objects"] for r in rows})
+    if len(sizes) > 1:
+        def mean(objects: int, key: str) -> float:
+            return float(np.mean([r[key] for r in rows if r["objects"] == objects]))
+
+        a, b = sizes[0], sizes[-1]
+        per_k = 1000 / (b - a)
+        growth = {key: (mean(b, key) - mean(a, key)) * per_k for key in ("main_rss", "tree_pss", "ru_maxrss")}
+        lines += ["", f"growth per 1,000 objects ({a:,} -> {b:,}, means over the runs of each size): main "
+                  f"RSS {growth['main_rss'] / mib:+.1f} MiB, all-process PSS {growth['tree_pss'] / mib:+.1f} "
+                  f"MiB, ru_maxrss {growth['ru_maxrss'] / mib:+.1f} MiB, time "
+                  f"{(mean(b, 'stage_s') - mean(a, 'stage_s')) * per_k:.0f} s"]
     return "\n".join(lines)
 
 
@@ -161,11 +168,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="pseudo_masks.workers for the runs")
     parser.add_argument("--code", type=Path, default=ROOT, help="checkout whose stage runs")
     parser.add_argument("--keep", type=Path, help="build the sets under this folder and keep them")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of the stage on each set")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     args = parser.parse_args()
     if any(n < 10 for n in args.objects):
         parser.error("--objects: at least 10 train objects per set")
-    rows = [measure(n, args.workers, args.code.resolve(), args.keep) for n in sorted(args.objects)]
+    if args.repeat < 1:
+        parser.error("--repeat: at least 1")
+    rows = [row for n in sorted(args.objects)
+            for row in measure(n, args.workers, args.code.resolve(), args.keep, args.repeat)]
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print(report(rows, args.workers, args.code.resolve()))

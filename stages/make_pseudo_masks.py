@@ -6,12 +6,14 @@ The stage streams, so its memory does not grow with the split (RefCOCO: 42,404 t
 keeps one choice per object, the affinity net learns from at most ``affinity.max_samples`` objects' CRF
 labels, and each store shard (``pseudo_masks.shard_size`` objects) is built, written, scored against its
 own GT masks and dropped before the next. It runs as one process (PRMS on the device) with
-``pseudo_masks.workers`` CPU processes for the per-image refinement: ``base.nproc``, a param of the
+``pseudo_masks.workers`` CPU processes for the CRFs and the per-image refinement, forked before the
+split is read so that their copies of this process's pages do not grow with it: ``base.nproc``, a param of the
 training stages, is not read, so using every core here never invalidates Step-1. Under an outer
 torchrun only rank 0 runs it (a store has one writer). See :mod:`pipeline.pseudo.labels`.
 """
 
 import os
+from concurrent.futures import Executor
 
 import numpy as np
 import torch
@@ -22,7 +24,9 @@ from pipeline.data.index import load_index
 from pipeline.data.samples import ImageBank, split_sentences
 from pipeline.distributed import under_torchrun
 from pipeline.eval.scoring import GroundTruth
+from pipeline.memory import release_free_memory
 from pipeline.models.clip_artifact import load_frozen_clip, resolve_calibration_size
+from pipeline.params import Params
 from pipeline.pseudo.labels import (
     RecentImages,
     iter_pseudo_mask_shards,
@@ -36,12 +40,9 @@ from pipeline.stage import StageTimer, start_stage
 from pipeline.store import PSEUDO_MASK_SCHEMA, RecordWriter, open_responses
 
 
-def main() -> None:
-    if under_torchrun() and int(os.environ.get("RANK", "0")) > 0:  # an outer torchrun: one writer only
-        print(f"[make_pseudo_masks] rank {os.environ['RANK']}: the stage runs on rank 0 alone "
-              "(pseudo_masks.workers spreads it over that node's cores)")
-        return
-    params, device = start_stage("make_pseudo_masks")
+def make_pseudo_masks(params: Params, device: torch.device, pool: Executor) -> tuple[list[dict], int]:
+    """PRMS, the affinity net and the refined pseudo-masks of every train object, written shard by shard
+    (CRFs and walks in ``pool``); returns each shard's diagnostic IoUs and the number of objects."""
     p = params.pseudo_masks
     size = p.size
     index = load_index(paths.INDEX)
@@ -69,23 +70,36 @@ def main() -> None:
                                  space=params.step1.calibration_mask_space,
                                  align_corners=params.model.align_corners)
         del frozen
+        release_free_memory()  # the heap pages PRMS freed (see pipeline.memory)
         writer.add_split("train", len(objects))
         net, labels = train_shared_affinity(objects, responses, images, p, seed=params.base.seed,
-                                            device=device)
+                                            device=device, pool=pool)
         with atomic_dir(paths.AFFINITY) as out:
             torch.save({"model": net.state_dict() if net else None, "input_size": p.affinity.input_size},
                        out / "affinity.pt")
-        with refine_pool(p) as pool:
-            shards = iter_pseudo_mask_shards(objects, responses, images, p, net, labels,
-                                             writer.owned_ranges("train"), pool)
-            for a, b, shard, masks in shards:
-                part = shard.objects
-                writer.write_table("train", a, np.stack([masks[int(r)] for r in part["ref_id"]]), part)
-                # diagnostic: this shard's IoUs, against GT masks decoded for this shard only
-                gt = GroundTruth(refs.loc[part["ref_id"]].reset_index())
-                parts.append(local_quality(shard, masks, np.arange(a, b), p, gt))
+        release_free_memory()
+        shards = iter_pseudo_mask_shards(objects, responses, images, p, net, labels,
+                                         writer.owned_ranges("train"), pool)
+        for a, b, shard, masks in shards:
+            part = shard.objects
+            writer.write_table("train", a, np.stack([masks[int(r)] for r in part["ref_id"]]), part)
+            # diagnostic: this shard's IoUs, against GT masks decoded for this shard only
+            gt = GroundTruth(refs.loc[part["ref_id"]].reset_index())
+            parts.append(local_quality(shard, masks, np.arange(a, b), p, gt))
+            release_free_memory()
+    return parts, len(objects)
 
-    report = pseudo_mask_report(parts, len(objects), p)
+
+def main() -> None:
+    if under_torchrun() and int(os.environ.get("RANK", "0")) > 0:  # an outer torchrun: one writer only
+        print(f"[make_pseudo_masks] rank {os.environ['RANK']}: the stage runs on rank 0 alone "
+              "(pseudo_masks.workers spreads it over that node's cores)")
+        return
+    params, device = start_stage("make_pseudo_masks")
+    p = params.pseudo_masks
+    with refine_pool(p) as pool:  # forked first, while this process holds nothing of the split
+        parts, n_objects = make_pseudo_masks(params, device, pool)
+    report = pseudo_mask_report(parts, n_objects, p)
     print(f"[make_pseudo_masks] {report}")
     write_json(paths.REPORTS / "pseudo_masks.json", report)
 

@@ -8,12 +8,16 @@
 - PRMS (Eq. 10) yields each object's choice as soon as its masked images are encoded, in the same
   encoder batches as before;
 - responses are held as one compact float16 array that reads back the store's float32 values;
-- the image cache of the stage has a fixed size.
+- the image cache of the stage has a fixed size;
+- the object choices are built from a few arrays for the whole split (a per-object DataFrame list was
+  the stage's one memory that grew with the split, about 55 KB an object), with the same rows as a
+  ``groupby``.
 """
 
 from __future__ import annotations
 
 import gc
+import tracemalloc
 import weakref
 
 import numpy as np
@@ -222,6 +226,53 @@ def test_responses_are_one_compact_array_with_the_stores_values(dtype):
     assert table._maps.dtype == (np.float16 if dtype == np.float16 else np.float32)
 
 
+def _grouped_reference(sentences: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The choices as the stage made them with a ``groupby`` (PRMS off, random pick per object)."""
+    from pipeline.pseudo.prms import choose_without_prms
+    records = []
+    for ref, g in sentences.groupby("ref_id", sort=True):
+        g = g.sort_values("sent_id")
+        pick = choose_without_prms(len(g), "random", np.random.default_rng([seed, int(ref)]))
+        sids = g["sent_id"].to_numpy()
+        records.append({"ref_id": int(ref), "image_id": int(g["image_id"].iloc[0]),
+                        "height": int(g["height"].iloc[0]), "width": int(g["width"].iloc[0]),
+                        "sent_id_selected": int(sids[pick]), "num_expressions": len(sids),
+                        "changed": bool(pick != 0), "sent_id_first": int(sids[0])})
+    return pd.DataFrame.from_records(records)
+
+
+def _random_choices(sentences, responses):
+    return L.select_objects(sentences, responses, None, None, use_prms=False, off_choice="random",
+                            max_tokens=16, calibration_size=0, device=torch.device("cpu"), seed=3)
+
+
+def test_object_choices_equal_a_groupby_in_any_row_order():
+    sentences, responses = _dataset(40)
+    shuffled = sentences.sample(frac=1.0, random_state=1).reset_index(drop=True)
+    got = _random_choices(shuffled, responses)
+    pd.testing.assert_frame_equal(got, _grouped_reference(shuffled, seed=3))
+    groups = L.ObjectGroups(shuffled)
+    for ref, rows in zip(groups.ref_ids, groups, strict=True):
+        assert (shuffled["ref_id"].to_numpy()[rows] == ref).all()
+        assert np.all(np.diff(shuffled["sent_id"].to_numpy()[rows]) > 0)
+    assert len(L.ObjectGroups(sentences.iloc[:0])) == 0
+
+
+def test_object_choices_hold_bytes_not_kilobytes_per_object():
+    def traced_peak(n_objects: int) -> int:
+        sentences, responses = _dataset(n_objects)
+        tracemalloc.start()
+        try:
+            _random_choices(sentences, responses)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = 300, 3000
+    per_object = (traced_peak(large) - traced_peak(small)) / (large - small)
+    assert per_object < 1024, f"{per_object:.0f} bytes an object (a DataFrame per object: ~4.5 KB)"
+
+
 def test_recent_images_keep_a_fixed_number_of_images():
     bank = FakeBank()
     images = L.RecentImages(bank, capacity=3)
@@ -267,3 +318,30 @@ def test_the_image_cache_holds_6510_refcoco_images_at_320_and_the_rest_is_decode
     assert cost["decodes_per_epoch"] == pytest.approx(42_404 * 10_484 / 16_994)
     assert cost["one_thread_s"] == pytest.approx(cost["decodes_per_epoch"] * 0.01)
     assert cost["pool_s"] == pytest.approx(cost["one_thread_s"] / 8)
+
+
+def test_crf_labels_read_a_chunk_at_a_time_and_come_back_in_order():
+    sentences, responses = _dataset(12)
+    images = L.RecentImages(FakeBank())
+    p = _params()
+    objects = _objects(sentences, responses, images)
+    maps = [L._working_map(responses[int(s)], SIZE) for s in objects["sent_id_selected"]]
+    whole = L.confident_seed_labels([images.hwc(i) for i in objects["image_id"]], maps, p)
+    read = []
+
+    def lazily():
+        for i in objects["image_id"]:
+            read.append(i)
+            yield images.hwc(i)
+
+    with L.refine_pool(p) as pool:
+        tasks = ((im, fg, p.conf_fg, p.conf_bg, p.crf) for im, fg in zip(lazily(), maps, strict=True))
+        results = L._chunked_map(pool, L._confident_task, tasks, 5)
+        first = next(results)
+        assert len(read) == 5  # one chunk read, not the whole list
+        chunked = [first, *results]
+    assert all(np.array_equal(a, b) for a, b in zip(whole, chunked, strict=True))
+    on_demand = L._ImagesOnDemand(images, objects["image_id"].to_numpy())
+    assert len(on_demand) == len(objects) and np.array_equal(on_demand[3], images.hwc(objects["image_id"][3]))
+    with pytest.raises(IndexError):
+        on_demand[len(objects)]

@@ -21,8 +21,11 @@ on, so the masks are the same for any number of workers.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import os
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -32,6 +35,7 @@ import torch
 
 from pipeline.data.samples import ImageBank
 from pipeline.maps import minmax_normalize, upsample
+from pipeline.memory import release_free_memory
 from pipeline.models.clip_backbone import FrozenClip, encode_texts
 from pipeline.params import PseudoMaskParams
 from pipeline.progress import progress
@@ -117,6 +121,39 @@ class _TextEmbeddings:
         return torch.stack([self._batch(r // TEXT_BATCH)[r % TEXT_BATCH] for r in rows])
 
 
+
+class ObjectGroups:
+    """The sentences of each referred object, as row numbers into ``sentences`` (objects in ``ref_id``
+    order, an object's sentences in ``sent_id`` order): a few integer arrays for the whole split, where
+    a ``groupby`` list held one small DataFrame an object (about 55 KB each: the stage's only memory
+    that grew with the split). Iterating gives each object's rows."""
+
+    def __init__(self, sentences: pd.DataFrame) -> None:
+        self._sentences = sentences
+        self.sent_ids = sentences["sent_id"].to_numpy(np.int64)
+        refs = sentences["ref_id"].to_numpy(np.int64)
+        self.order = np.lexsort((self.sent_ids, refs))  # by ref_id, then sent_id
+        sorted_refs = refs[self.order]
+        self.starts = np.flatnonzero(np.r_[True, sorted_refs[1:] != sorted_refs[:-1]]) if len(refs) else \
+            np.empty(0, dtype=np.int64)
+        self.counts = np.diff(np.r_[self.starts, len(refs)])
+        self.ref_ids = sorted_refs[self.starts]
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for start, count in zip(self.starts.tolist(), self.counts.tolist(), strict=True):
+            yield self.order[start:start + count]
+
+    def first_rows(self) -> np.ndarray:
+        """Each object's row with the smallest ``sent_id``."""
+        return self.order[self.starts]
+
+    def column(self, name: str) -> np.ndarray:
+        return self._sentences[name].to_numpy()
+
+
 class RecentImages:
     """The last ``capacity`` images of a bank, decoded once each: the stage reads images in object order,
     where an image's objects sit together, so this is nearly a full cache at a fixed size (unlike
@@ -154,29 +191,39 @@ def select_objects(sentences: pd.DataFrame, responses: Mapping[int, np.ndarray],
     PRMS masks the images of ``bank`` (its side is the stage's ``pseudo_masks.prms_image`` choice) as
     calibration does: ``space`` is ``step1.calibration_mask_space``, ``align_corners``
     ``model.align_corners`` (:func:`pipeline.pseudo.prms.iter_select`)."""
-    groups = [(int(ref), g.sort_values("sent_id")) for ref, g in sentences.groupby("ref_id", sort=True)]
+    groups = ObjectGroups(sentences)
     if use_prms:
         texts = _TextEmbeddings(frozen, sentences["text"].tolist(), max_tokens, device)
-        row_of = {int(s): i for i, s in enumerate(sentences["sent_id"])}
-        items = (PrmsItem(bank.get(int(g["image_id"].iloc[0])).float().div(255),
-                          torch.from_numpy(np.stack([responses[int(s)] for s in g["sent_id"]])),
-                          texts.rows(row_of[int(s)] for s in g["sent_id"])) for _, g in groups)
+        image_ids = groups.column("image_id")
+        items = (PrmsItem(bank.get(int(image_ids[rows[0]])).float().div(255),
+                          torch.from_numpy(np.stack([responses[int(s)] for s in groups.sent_ids[rows]])),
+                          texts.rows(rows.tolist())) for rows in groups)
         encode = lambda x: frozen.encode_image(x.to(device)).cpu()  # noqa: E731
         picks = (i for i, _ in iter_select(items, encode, calibration_size, batch_size, space=space,
                                            align_corners=align_corners))
     else:
         # one generator per object: the choice does not depend on which objects are processed together
-        picks = (choose_without_prms(len(g), off_choice, np.random.default_rng([seed, ref]))
-                 for ref, g in groups)
-    records = []
-    for (ref, g), pick in zip(groups, progress(picks, total=len(groups), desc="prms"), strict=True):
-        sids = g["sent_id"].to_numpy()
-        row = g.iloc[0]
-        records.append({"ref_id": ref, "image_id": int(row["image_id"]), "height": int(row["height"]),
-                        "width": int(row["width"]), "sent_id_selected": int(sids[pick]),
-                        "num_expressions": len(sids), "changed": bool(pick != 0),
-                        "sent_id_first": int(sids[0])})
-    return pd.DataFrame.from_records(records, columns=[*OBJECT_COLUMNS, "sent_id_first"])
+        picks = (choose_without_prms(len(rows), off_choice, np.random.default_rng([seed, int(ref)]))
+                 for ref, rows in zip(groups.ref_ids, groups, strict=True))
+    picks = _releasing(picks, every=1024)  # PRMS makes many short-lived arrays an object
+    chosen = np.fromiter(progress(picks, total=len(groups), desc="prms"), dtype=np.int64, count=len(groups))
+    first = groups.first_rows()
+    sent_ids = groups.sent_ids
+    columns = {"ref_id": groups.ref_ids, "image_id": groups.column("image_id")[first],
+               "height": groups.column("height")[first], "width": groups.column("width")[first],
+               "sent_id_selected": sent_ids[groups.order[groups.starts + chosen]],
+               "num_expressions": groups.counts, "changed": chosen != 0, "sent_id_first": sent_ids[first]}
+    return pd.DataFrame({name: np.asarray(values, dtype=bool if name == "changed" else np.int64)
+                         for name, values in columns.items()})
+
+
+def _releasing(items: Iterable[int], every: int) -> Iterator[int]:
+    """``items``, handing the heap's free pages back to the OS after every ``every`` of them
+    (:func:`pipeline.memory.release_free_memory`), so that the heap does not grow with the split."""
+    for k, item in enumerate(items, 1):
+        yield item
+        if k % every == 0:
+            release_free_memory()
 
 
 def object_maps(objects: pd.DataFrame, responses: Mapping[int, np.ndarray], size: int) -> Selection:
@@ -207,15 +254,44 @@ def _confident_task(args: tuple) -> np.ndarray:
 
 
 def confident_seed_labels(images: Iterable[np.ndarray], fg_maps: Iterable[np.ndarray],
-                          params: PseudoMaskParams) -> list[np.ndarray]:
+                          params: PseudoMaskParams, pool: Executor | None = None, *,
+                          total: int | None = None, chunk: int = 256) -> list[np.ndarray]:
     """IRN's CRF-cleaned confident fg / bg / ignore labels for every object (``params.conf_fg`` /
-    ``conf_bg`` / ``crf``), in ``params.workers`` CPU processes."""
-    tasks = [(im, fg, params.conf_fg, params.conf_bg, params.crf)
-             for im, fg in zip(images, fg_maps, strict=True)]
-    if params.workers <= 1:
-        return [_confident_task(t) for t in progress(tasks, desc="crf")]
-    with ProcessPoolExecutor(max_workers=params.workers) as pool:
-        return list(progress(pool.map(_confident_task, tasks, chunksize=16), total=len(tasks), desc="crf"))
+    ``conf_bg`` / ``crf``), in ``pool`` (the stage's :func:`refine_pool`) or else in ``params.workers``
+    fresh CPU processes. ``images`` and ``fg_maps`` are read ``chunk`` at a time, so only that many of
+    them are alive at once (``total``: their number, for the progress bar)."""
+    tasks = ((im, fg, params.conf_fg, params.conf_bg, params.crf)
+             for im, fg in zip(images, fg_maps, strict=True))
+    if pool is None and params.workers <= 1:
+        return [_confident_task(t) for t in progress(tasks, total=total, desc="crf")]
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=params.workers))
+        return list(progress(_chunked_map(pool, _confident_task, tasks, chunk), total=total, desc="crf"))
+
+
+def _chunked_map(pool: Executor, fn: Callable, items: Iterable, chunk: int) -> Iterator:
+    """``pool.map(fn, items)`` in order, submitting ``chunk`` items at a time (``Executor.map`` takes
+    the whole iterable at once, and would hold every item until the end)."""
+    items = iter(items)
+    while part := list(itertools.islice(items, chunk)):
+        yield from pool.map(fn, part, chunksize=16)
+
+
+class _ImagesOnDemand(Sequence):
+    """The ``(size, size, 3)`` images of ``image_ids``, read when indexed: the affinity net copies each
+    one into its own input array, so no image of the sample outlives that copy."""
+
+    def __init__(self, images: RecentImages, image_ids: np.ndarray) -> None:
+        self.images, self.image_ids = images, image_ids
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        if not 0 <= k < len(self.image_ids):
+            raise IndexError(k)
+        return self.images.hwc(int(self.image_ids[k]))
 
 
 def affinity_sample(total: int, params: PseudoMaskParams, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -232,10 +308,11 @@ def affinity_sample(total: int, params: PseudoMaskParams, seed: int) -> tuple[np
 
 
 def train_shared_affinity(objects: pd.DataFrame, responses: Mapping[int, np.ndarray], images: RecentImages,
-                          params: PseudoMaskParams, *, seed: int, device: torch.device
-                          ) -> tuple[AffinityNet | None, dict[int, np.ndarray]]:
+                          params: PseudoMaskParams, *, seed: int, device: torch.device,
+                          pool: Executor | None = None) -> tuple[AffinityNet | None, dict[int, np.ndarray]]:
     """The affinity net (``refine: irn``; else None) and the CRF labels computed for it (row -> labels,
-    at most ``affinity.max_samples``; reused for those objects' walks, so no CRF runs twice).
+    at most ``affinity.max_samples``; reused for those objects' walks, so no CRF runs twice). The CRFs
+    run in ``pool`` when given (:func:`confident_seed_labels`).
 
     Only the sampled objects' maps and labels are built here: the memory is bounded by ``max_samples``,
     not by the split."""
@@ -246,10 +323,12 @@ def train_shared_affinity(objects: pd.DataFrame, responses: Mapping[int, np.ndar
     size = images.size
     labels = confident_seed_labels(
         (images.hwc(i) for i in rows["image_id"]),
-        (_working_map(responses[int(s)], size) for s in rows["sent_id_selected"]), params)
+        (_working_map(responses[int(s)], size) for s in rows["sent_id_selected"]), params, pool,
+        total=len(rows))
     cache = dict(zip(labelled.tolist(), labels, strict=True))
-    net = train_affinity([images.hwc(int(objects["image_id"].iloc[g])) for g in sample],
-                         [cache[int(g)] for g in sample], params.affinity, seed=seed, device=device)
+    sample_images = _ImagesOnDemand(images, objects["image_id"].to_numpy()[sample])
+    net = train_affinity(sample_images, [cache[int(g)] for g in sample], params.affinity, seed=seed,
+                         device=device)
     return net, cache
 
 
@@ -295,12 +374,19 @@ class _InProcess(Executor):
 
 
 def refine_pool(params: PseudoMaskParams) -> Executor:
-    """``params.workers`` processes (one torch thread each) ready for :func:`_refine_image`; a plain
-    in-process executor for one worker. The result does not depend on the number of workers."""
+    """``params.workers`` processes (one torch thread each) ready for :func:`_refine_image` and
+    :func:`confident_seed_labels`; a plain in-process executor for one worker. The result does not
+    depend on the number of workers.
+
+    The workers are forked here, at once: a forked worker keeps its own copy of every page the main
+    process writes after the fork, so forking before the main process reads the split keeps the
+    workers' share of memory (PSS) from growing with it."""
     if params.workers <= 1:
         _init_worker(params, 0)
         return _InProcess()
-    return ProcessPoolExecutor(max_workers=params.workers, initializer=_init_worker, initargs=(params, 1))
+    pool = ProcessPoolExecutor(max_workers=params.workers, initializer=_init_worker, initargs=(params, 1))
+    pool.submit(os.getpid).result()  # under fork, the first task starts every worker
+    return pool
 
 
 def iter_pseudo_mask_shards(objects: pd.DataFrame, responses: Mapping[int, np.ndarray], images: RecentImages,
