@@ -2,7 +2,8 @@
 
 Embedded default (``model.clip.pretrained: embedded``): train the small open_clip model contrastively on
 the train split's (image, expression) pairs. Otherwise: record the open_clip name and tag / local
-checkpoint path (loaded once here so a bad path fails now, not three stages later).
+checkpoint path (loaded once here so a bad path fails now, not three stages later); a tiny CLIP's file
+(a web CLIP from ``scripts/build_web_clip.py``) brings its architecture in the ``clip.json`` beside it.
 Either way, ``frozen_clip.json`` records the frozen CLIP of calibration and PRMS (``model.frozen_clip``:
 ``same`` = this CLIP; ``embedded`` = a second small CLIP trained here on generated cutout pictures
 (``pretrain_clip.frozen``), the embedded stand-in for the authors' separate web-scale ViT-B/32; or an
@@ -38,7 +39,7 @@ from pipeline.models.clip_artifact import (
     load_frozen_clip,
     write_clip_spec,
 )
-from pipeline.models.clip_backbone import CLIP_CONTEXT_LENGTH
+from pipeline.models.shipped_clip import external_clip_spec
 from pipeline.params import Params
 from pipeline.stage import StageTimer, start_stage
 from pipeline.train.clip_pretrain import pretrain_embedded_clip, pretrain_embedded_frozen_clip
@@ -83,7 +84,8 @@ def main() -> None:
             run.finish(lambda: torch.save(model.state_dict(), out / WEIGHTS_FILE))
             spec = clip_spec(clip_p.name, WEIGHTS_FILE, clip_p.tiny.model_dump(), params.model.max_tokens)
         else:
-            spec = clip_spec(clip_p.name, clip_p.pretrained, None, CLIP_CONTEXT_LENGTH)
+            spec = external_clip_spec(clip_p.name, clip_p.pretrained, clip_p.tiny.model_dump(),
+                                      params.model.max_tokens)
         write_clip_spec(out, spec)
         frozen_p = params.model.frozen_clip
         if frozen_p.pretrained == "embedded":

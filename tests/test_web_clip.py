@@ -134,3 +134,45 @@ def test_a_bad_recipe_value_names_itself(tmp_path, field, value):
     path.write_text(yaml.safe_dump({**good, field: value}))
     with pytest.raises(ValueError, match=field):
         read_recipe(path)
+
+
+def _shipped(tmp_path, tiny_clip) -> tuple[dict, torch.nn.Module]:
+    from pipeline.models.clip_backbone import build_clip
+
+    tiny = {**tiny_clip, "image_size": 32}
+    recipe = WebClipRecipe(seed=0, groups=1, tiny=tiny, max_tokens=20, epochs=1, batch_size=4, lr=1e-3,
+                           weight_decay=0.0, warmup_steps=0, noise=0.0, two_object_rate=0.5, isolated=(1, 1),
+                           objects_per_image=(2, 3), image_side=(96, 120), object_scale=(0.22, 0.4),
+                           distractor_rate=0.5)
+    model = build_clip("tiny-rn", None, tiny=tiny, context_length=20)
+    write_web_clip(tmp_path / "web", model, recipe, {"seed": 0})
+    return tiny, model
+
+
+def test_pretrain_clip_reads_a_shipped_tiny_clip_with_the_architecture_beside_it(tmp_path, tiny_clip):
+    """``model.clip.pretrained: <build>/clip.pt`` under a tiny name: the build's ``clip.json`` gives the
+    architecture, not ``model.clip.tiny`` (which here is another width), and the weights load as written."""
+    from pipeline.models.clip_artifact import load_clip, write_clip_spec
+    from pipeline.models.shipped_clip import external_clip_spec
+
+    tiny, model = _shipped(tmp_path, tiny_clip)
+    other = {**tiny, "vision_width": 2 * tiny["vision_width"]}
+    spec = external_clip_spec("tiny-rn", str(tmp_path / "web" / "clip.pt"), other, 20)
+    assert spec["tiny"] == tiny and spec["context_length"] == 20 and spec["quick_gelu"] is False
+    write_clip_spec(tmp_path / "artifact", spec)
+    loaded = load_clip(tmp_path / "artifact")
+    for k, v in loaded.state_dict().items():
+        if v.is_floating_point():
+            assert torch.equal(v, model.state_dict()[k].half().float()), k
+
+
+@pytest.mark.parametrize("name,max_tokens,message", [("tiny-vit", 20, "model.clip.name"),
+                                                     ("tiny-rn", 16, "model.max_tokens")])
+def test_a_shipped_tiny_clip_refuses_another_name_or_text_context(tmp_path, tiny_clip, name, max_tokens,
+                                                                  message):
+    from pipeline.models.shipped_clip import external_clip_spec
+
+    _shipped(tmp_path, tiny_clip)
+    with pytest.raises(ValueError, match=message) as err:
+        external_clip_spec(name, str(tmp_path / "web" / "clip.pt"), tiny_clip, max_tokens)
+    assert "clip.json" in str(err.value)
