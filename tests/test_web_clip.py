@@ -103,8 +103,8 @@ def test_noisy_pairs_are_positives_and_the_batch_table_covers_other_pictures():
     assert table.any(dim=1).all()  # every picture has a positive, noisy ones their planted caption
 
 
-def test_written_weights_are_fp16_loadable_and_small(tmp_path, tiny_clip):
-    from pipeline.models.clip_artifact import load_clip
+def _shipped(tmp_path, tiny_clip) -> tuple[dict, torch.nn.Module]:
+    """A small random tiny-rn written as scripts/build_web_clip.py ships a build; its config and model."""
     from pipeline.models.clip_backbone import build_clip
 
     tiny = {**tiny_clip, "image_size": 32}
@@ -114,6 +114,13 @@ def test_written_weights_are_fp16_loadable_and_small(tmp_path, tiny_clip):
                            distractor_rate=0.5)
     model = build_clip("tiny-rn", None, tiny=tiny, context_length=20)
     write_web_clip(tmp_path / "web", model, recipe, {"seed": 0})
+    return tiny, model
+
+
+def test_written_weights_are_fp16_loadable_and_small(tmp_path, tiny_clip):
+    from pipeline.models.clip_artifact import load_clip
+
+    _, model = _shipped(tmp_path, tiny_clip)
     state = torch.load(tmp_path / "web" / "clip.pt", weights_only=True)
     assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
     loaded = load_clip(tmp_path / "web")
@@ -134,19 +141,6 @@ def test_a_bad_recipe_value_names_itself(tmp_path, field, value):
     path.write_text(yaml.safe_dump({**good, field: value}))
     with pytest.raises(ValueError, match=field):
         read_recipe(path)
-
-
-def _shipped(tmp_path, tiny_clip) -> tuple[dict, torch.nn.Module]:
-    from pipeline.models.clip_backbone import build_clip
-
-    tiny = {**tiny_clip, "image_size": 32}
-    recipe = WebClipRecipe(seed=0, groups=1, tiny=tiny, max_tokens=20, epochs=1, batch_size=4, lr=1e-3,
-                           weight_decay=0.0, warmup_steps=0, noise=0.0, two_object_rate=0.5, isolated=(1, 1),
-                           objects_per_image=(2, 3), image_side=(96, 120), object_scale=(0.22, 0.4),
-                           distractor_rate=0.5)
-    model = build_clip("tiny-rn", None, tiny=tiny, context_length=20)
-    write_web_clip(tmp_path / "web", model, recipe, {"seed": 0})
-    return tiny, model
 
 
 def test_pretrain_clip_reads_a_shipped_tiny_clip_with_the_architecture_beside_it(tmp_path, tiny_clip):
