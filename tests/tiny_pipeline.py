@@ -22,7 +22,9 @@ TINY = {
     "base": {"seed": 3, "threads": 1},
     "synthesize": {"num_images": 40,
                    "split_fractions": {"train": 0.5, "val": 0.2, "testA": 0.15, "testB": 0.15}},
-    "model": {"clip": {"tiny": TINY_CLIP}, "hidden_dim": 32},
+    # the CLIP is pretrained inside the run (the in-repro switch), not the shipped web CLIP's 128 wide one
+    "inputs": {"weights": "models"},
+    "model": {"clip": {"pretrained": "embedded", "tiny": TINY_CLIP}, "hidden_dim": 32},
     "pretrain_clip": {"epochs": 1, "batch_size": 8,
                       "frozen": {"pictures": 16, "epochs": 1, "image_size": 32}},
     "step1": {"input_size": 96, "epochs": 1, "batch_size": 8, "num_negatives": 7, "calibration_size": "auto"},
