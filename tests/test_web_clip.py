@@ -183,6 +183,7 @@ def test_the_default_clip_is_the_shipped_web_clip_and_loads(tmp_path):
     manifest whose val diagnostics meet the floors, and loads into the architecture beside it."""
     from pathlib import Path
 
+    from pipeline.inputs import covers
     from pipeline.models.clip_artifact import load_clip, write_clip_spec
     from pipeline.models.shipped_clip import external_clip_spec
     from pipeline.params import load_params
@@ -190,7 +191,7 @@ def test_the_default_clip_is_the_shipped_web_clip_and_loads(tmp_path):
     params = load_params(Path("params.yaml"))
     weights = Path(params.model.clip.pretrained)
     assert weights.is_file() and weights.stat().st_size <= 25 * 2**20
-    assert weights.resolve().is_relative_to(Path(params.inputs.weights).resolve())
+    assert covers(params.inputs.weights, weights)  # pretrain_clip's own rule for an untracked weight file
     manifest = json.loads((weights.parent / MANIFEST_FILE).read_text())
     assert {"seed", "pictures", "captions", "steps", "seconds", "device"} <= manifest.keys()
     ranking = manifest["diagnostics"]["masked_object_ranking"]
