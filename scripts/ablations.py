@@ -12,9 +12,11 @@ and the Table 4 row re-runs pseudo-masks and Step-2. The workspace (the committe
 reference row of every table. Experiments that already exist for this commit are reused unless
 ``--rerun`` is given, so an interrupted run continues where it stopped.
 
-``--seeds`` measures how much of a difference between rows is noise: the full method and "L_cls only"
-are re-run with each extra ``base.seed`` (new synthetic data, CLIP and Step-1), and a table gives their
-mean and standard deviation over the committed seed and the extra ones.
+``--seeds`` measures how much of a difference between rows is noise: the full method, "+ BP" and
+"L_cls only" are re-run with each extra ``base.seed`` (new synthetic data and Step-1; the CLIP is the
+shipped one, rebuilt per seed only under ``model.clip.pretrained: embedded``), and a table gives their
+mean and standard deviation over the committed seed and the extra ones. A last section checks the
+paper's directions on those means (Table 3 in object hit, Table 4, Table 5's collapse at N = 0).
 
 The Markdown table is written to ``--out`` (default ``docs/ablations.md``) and printed.
 """
@@ -77,7 +79,14 @@ ABLATIONS: tuple[Ablation, ...] = (
 )
 
 # Rows re-run at other seeds by ``--seeds``: (short name, Table 3 row).
-SEED_ROWS = (("full", "baseline"), ("cls", "abl-t3-cls"))
+SEED_ROWS = (("full", "baseline"), ("bp", "abl-t3-bp"), ("cls", "abl-t3-cls"))
+
+# The object-hit kinds whose expressions name a shape (``object_hit_by_kind`` keys of the embedded
+# default): the words calibration's frozen scorer reads and whole-image classification barely does.
+SHAPE_KINDS = ("attribute: shape", "attribute: size+shape", "attribute: colour+shape",
+               "attribute: size+colour+shape")
+# Table 5's collapse: with N = 0 negatives (N + 1 = 1) Eq. 7 has nothing to tell apart.
+COLLAPSE_OBJECT_HIT = 0.30
 
 
 def seed_experiments(seeds: Sequence[int]) -> list[Ablation]:
@@ -199,19 +208,120 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
+def shape_object_hit(step1_split: Mapping) -> float | None:
+    """Object hit over the expressions that name a shape (:data:`SHAPE_KINDS`), weighted by count;
+    None where the split has no ``object_hit_by_kind`` (only val has it, and only synthetic data)."""
+    kinds = step1_split.get("object_hit_by_kind") or {}
+    parts = [kinds[k] for k in SHAPE_KINDS if k in kinds]
+    n = sum(part["n"] for part in parts)
+    return sum(part["rate"] * part["n"] for part in parts) / n if n else None
+
+
+def step1_value(step1_split: Mapping, key: str) -> float | None:
+    """A Step-1 figure of a split: a metrics.json key, or ``object_hit_shape`` (:func:`shape_object_hit`)."""
+    return shape_object_hit(step1_split) if key == "object_hit_shape" else step1_split.get(key)
+
+
+# Seed-noise columns: (metrics key, column title).
+SEED_COLUMNS = (("object_hit", "object hit"), ("object_hit_shape", "object hit, shape kinds"),
+                ("mIoU", "mIoU"), ("PointIt", "PointIt"), ("P@0.5", "P@0.5"), ("PointM", "PointM"))
+
+
+def seed_runs(results: Mapping[str, Mapping[str, dict]], row: str, seeds: Sequence[int],
+              split: str = "val") -> list[dict]:
+    """The Step-1 metrics of one SEED_ROWS row at the committed seed and each extra seed that finished."""
+    short = next(short for short, name in SEED_ROWS if name == row)
+    runs = [results.get(name, {}).get(STEP1_METRICS, {}).get(split)
+            for name in (row, *(f"seed{s}-{short}" for s in seeds))]
+    return [r for r in runs if r]
+
+
+def seed_values(results: Mapping[str, Mapping[str, dict]], row: str, key: str, seeds: Sequence[int],
+                split: str = "val") -> list[float]:
+    values = (step1_value(r, key) for r in seed_runs(results, row, seeds, split))
+    return [v for v in values if v is not None]
+
+
 def render_seed_noise(results: Mapping[str, Mapping[str, dict]], seeds: Sequence[int], base_seed: int,
                       split: str = "val") -> list[str]:
     """Mean ± sample standard deviation over ``base_seed`` and ``seeds`` of the SEED_ROWS rows."""
     lines = ["", "### Seed noise: Table 3 rows over seeds " + ", ".join(map(str, [base_seed, *seeds])), "",
-             "| setting | runs | mIoU | PointIt | P@0.5 | PointM |", "|---|---|---|---|---|---|"]
+             "| setting | runs | " + " | ".join(title for _, title in SEED_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(SEED_COLUMNS)]
     labels = {a.name: a.label for a in ABLATIONS if a.table == "3"}
-    for short, row in SEED_ROWS:
-        runs = [results.get(name, {}).get(STEP1_METRICS, {}).get(split)
-                for name in (row, *(f"seed{s}-{short}" for s in seeds))]
-        runs = [r for r in runs if r]
-        cells = [_mean_std([r[k] for r in runs if k in r]) for k, _ in TABLE3_COLUMNS]
-        lines.append(f"| {labels[row]} | {len(runs)} | " + " | ".join(cells) + " |")
+    for _, row in SEED_ROWS:
+        cells = [_mean_std(seed_values(results, row, k, seeds, split)) for k, _ in SEED_COLUMNS]
+        lines.append(f"| {labels[row]} | {len(seed_runs(results, row, seeds, split))} | "
+                     + " | ".join(cells) + " |")
     return lines
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One of the paper's directions, checked on our figures: what it claims, the evidence, the verdict."""
+
+    claim: str
+    evidence: str
+    holds: bool | None  # None: not measurable from the results at hand
+
+
+def _pooled_sd(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Pooled sample standard deviation of two groups (None with fewer than two values in either)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    dof = len(a) + len(b) - 2
+    return (((len(a) - 1) * statistics.variance(a) + (len(b) - 1) * statistics.variance(b)) / dof) ** 0.5
+
+
+def directions(results: Mapping[str, Mapping[str, dict]], seeds: Sequence[int], split: str = "val"
+               ) -> list[Direction]:
+    """The paper's directions that the embedded default is asked to show (issue 27), on means over seeds.
+
+    Table 3 compares L_cls only, + BP and the full method in object hit (the share of expressions whose
+    map peaks on the referred object): calibration must beat + BP by more than one pooled standard
+    deviation on the expressions that name a shape and lose at most one pooled standard deviation of
+    PointM. Table 4 asks PRMS on ≥ off, Table 5 that N = 0 negatives collapse.
+    """
+    def mean(row: str, key: str) -> float | None:
+        values = seed_values(results, row, key, seeds, split)
+        return statistics.mean(values) if values else None
+
+    out = []
+    hits = [mean(row, "object_hit") for row in ("abl-t3-cls", "abl-t3-bp", "baseline")]
+    out.append(Direction(
+        "Table 3, object hit: L_cls only ≤ + BP ≤ full",
+        " ≤ ".join(_pct(h) for h in hits),
+        None if None in hits else hits[0] <= hits[1] <= hits[2]))
+    for key, what in (("object_hit_shape", "object hit on shape kinds"), ("PointM", "PointM")):
+        bp, full = (seed_values(results, row, key, seeds, split) for row in ("abl-t3-bp", "baseline"))
+        sd = _pooled_sd(bp, full)
+        if sd is None:
+            out.append(Direction(f"Table 3, {what}: full against + BP",
+                                 "needs two runs of each row (--seeds)", None))
+            continue
+        gain = statistics.mean(full) - statistics.mean(bp)
+        holds = gain > sd if key == "object_hit_shape" else gain >= -sd
+        claim = ("calibration beats + BP by more than one pooled SD" if key == "object_hit_shape"
+                 else "calibration loses at most one pooled SD")
+        out.append(Direction(f"Table 3, {what}: {claim}",
+                             f"full − + BP = {100 * gain:+.2f}, pooled SD {100 * sd:.2f} "
+                             f"({len(full)} + {len(bp)} runs)", holds))
+    t4 = {name: results.get(name, {}).get(PSEUDO_METRICS, {}) for name in ("abl-t4-no-prms", "baseline")}
+    for part, what in (("raw_selected", "selected-map mIoU"), ("refined", "pseudo-mask mIoU")):
+        off, on = (t4[name].get(part, {}).get("mIoU") for name in ("abl-t4-no-prms", "baseline"))
+        out.append(Direction(f"Table 4, {what} (train): PRMS on ≥ off", f"{_pct(on)} against {_pct(off)}",
+                             None if None in (on, off) else on >= off))
+    collapse = results.get("abl-t5-n1", {}).get(STEP1_METRICS, {}).get(split, {}).get("object_hit")
+    out.append(Direction(f"Table 5, N + 1 = 1 collapses: object hit ≤ {_pct(COLLAPSE_OBJECT_HIT)}",
+                         _pct(collapse), None if collapse is None else collapse <= COLLAPSE_OBJECT_HIT))
+    return out
+
+
+def render_directions(found: Sequence[Direction]) -> list[str]:
+    verdict = {True: "holds", False: "does not hold", None: "not measured"}
+    lines = ["", "### The paper's directions on these figures", "", "| direction | ours | verdict |",
+             "|---|---|---|"]
+    return lines + [f"| {d.claim} | {d.evidence} | {verdict[d.holds]} |" for d in found]
 
 
 def render_markdown(results: Mapping[str, Mapping[str, dict]], split: str = "val",
@@ -219,36 +329,43 @@ def render_markdown(results: Mapping[str, Mapping[str, dict]], split: str = "val
     """The three tables, our figures beside the paper's, in percent."""
     command = "python scripts/ablations.py" + (" --seeds " + " ".join(map(str, seeds)) if seeds else "")
     lines = [f"Metrics on the embedded default's `{split}` split, in percent; the paper's figures "
-             f"(RefCOCOg (U)) in brackets. Regenerate with `{command}`.", ""]
+             f"(RefCOCOg (U)) in brackets. Object hit is the share of expressions whose map peaks on the "
+             f"referred object; the paper has no such column. Regenerate with `{command}`.", ""]
 
     def step1(name: str, key: str) -> float | None:
-        return results.get(name, {}).get(STEP1_METRICS, {}).get(split, {}).get(key)
+        return step1_value(results.get(name, {}).get(STEP1_METRICS, {}).get(split, {}), key)
 
     lines += ["### Table 3: Step-1 components (response maps)", "",
-              "| setting | mIoU | PointIt | P@0.5 | PointM |", "|---|---|---|---|---|"]
+              "| setting | object hit | object hit, shape kinds | mIoU | PointIt | P@0.5 | PointM |",
+              "|---|---|---|---|---|---|---|"]
     for a in (a for a in ABLATIONS if a.table == "3"):
-        cells = [f"{_pct(step1(a.name, k))} ({_paper(a.name, p)})" for k, p in TABLE3_COLUMNS]
+        cells = [_pct(step1(a.name, "object_hit")), _pct(step1(a.name, "object_hit_shape")),
+                 *(f"{_pct(step1(a.name, k))} ({_paper(a.name, p)})" for k, p in TABLE3_COLUMNS)]
         lines.append(f"| {a.label} | " + " | ".join(cells) + " |")
 
     lines += ["", "### Table 4: positive response map selection (Step-2 on pseudo-masks)", "",
-              "| setting | pseudo-mask mIoU (train) | Step-2 mIoU | Step-2 oIoU | Step-2 PointM |",
-              "|---|---|---|---|---|"]
+              "| setting | selected-map mIoU (train) | pseudo-mask mIoU (train) | Step-2 mIoU | Step-2 oIoU "
+              "| Step-2 PointM |", "|---|---|---|---|---|---|"]
     for a in (a for a in ABLATIONS if a.table == "4"):
         res = results.get(a.name, {})
-        pseudo = res.get(PSEUDO_METRICS, {}).get("refined", {}).get("mIoU")
+        pseudo = res.get(PSEUDO_METRICS, {})
         s2 = res.get(STEP2_METRICS, {}).get(split, {})
-        lines.append(f"| {a.label} | {_pct(pseudo)} | {_pct(s2.get('mIoU'))} | {_pct(s2.get('oIoU'))} | "
-                     f"{_pct(s2.get('PointM'))} |")
+        lines.append(f"| {a.label} | {_pct(pseudo.get('raw_selected', {}).get('mIoU'))} | "
+                     f"{_pct(pseudo.get('refined', {}).get('mIoU'))} | {_pct(s2.get('mIoU'))} | "
+                     f"{_pct(s2.get('oIoU'))} | {_pct(s2.get('PointM'))} |")
     lines.append(f"\nPaper: {PAPER_T4}.")
 
     for table, title in (("5N", "Table 5: negatives N of Eq. 7"), ("5K", "Table 5: negatives K of Eq. 8")):
-        lines += ["", f"### {title}", "", "| setting | mIoU | PointIt | PointM |", "|---|---|---|---|"]
+        lines += ["", f"### {title}", "", "| setting | object hit | mIoU | PointIt | PointM |",
+                  "|---|---|---|---|---|"]
         for a in (a for a in ABLATIONS if a.table == table):
-            cells = [f"{_pct(step1(a.name, k))} ({_paper(a.name, p)})"
-                     for k, p in (("mIoU", "IoU"), ("PointIt", "PointIt"), ("PointM", "PointM"))]
+            cells = [_pct(step1(a.name, "object_hit")),
+                     *(f"{_pct(step1(a.name, k))} ({_paper(a.name, p)})"
+                       for k, p in (("mIoU", "IoU"), ("PointIt", "PointIt"), ("PointM", "PointM")))]
             lines.append(f"| {a.label} | " + " | ".join(cells) + " |")
     if seeds:
         lines += render_seed_noise(results, seeds, base_seed, split)
+    lines += render_directions(directions(results, seeds, split))
     return "\n".join(lines) + "\n"
 
 

@@ -12,12 +12,15 @@ import yaml
 from pipeline.params import parse_params
 from scripts.ablations import (
     ABLATIONS,
+    PSEUDO_METRICS,
     STEP1_METRICS,
     collect_metrics,
+    directions,
     experiments_to_run,
     queue_command,
     render_markdown,
     seed_experiments,
+    shape_object_hit,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,18 +63,21 @@ def test_render_markdown_shows_our_percentages_beside_the_papers():
                "abl-t3-cls": {STEP1_METRICS: {"val": {"mIoU": 0.125, "PointIt": 0.3, "P@0.5": 0.0,
                                                       "PointM": 0.2}}}}
     table = render_markdown(results)
-    assert "| L_cls only | 12.50 (18.94) | 30.00 (51.42) | 0.00 (3.87) | 20.00 (36.93) |" in table
-    assert "| N + 1 = 48 | 25.00 (27.81) | 50.00 (66.99) | 40.00 (53.69) |" in table
-    assert "| K = 3 | – (27.05) |" in table  # not run yet: a dash, never a made-up value
+    assert "| L_cls only | – | – | 12.50 (18.94) | 30.00 (51.42) | 0.00 (3.87) | 20.00 (36.93) |" in table
+    assert "| N + 1 = 48 | – | 25.00 (27.81) | 50.00 (66.99) | 40.00 (53.69) |" in table
+    assert "| K = 3 | – | – (27.05) |" in table  # not run yet: a dash, never a made-up value
 
 
-def test_seed_experiments_rerun_the_full_method_and_cls_only_at_each_seed():
+def test_seed_experiments_rerun_the_full_method_bp_and_cls_only_at_each_seed():
     extra = seed_experiments([1, 2])
-    assert [a.name for a in extra] == ["seed1-full", "seed1-cls", "seed2-full", "seed2-cls"]
-    assert "base.seed=2" in queue_command(extra[2]) and queue_command(extra[2]).count("-S") == 1
-    cls = queue_command(extra[1])
+    assert [a.name for a in extra] == ["seed1-full", "seed1-bp", "seed1-cls",
+                                       "seed2-full", "seed2-bp", "seed2-cls"]
+    assert "base.seed=2" in queue_command(extra[3]) and queue_command(extra[3]).count("-S") == 1
+    bp = queue_command(extra[1])
+    assert "step1.calibration_positive=false" in bp and "step1.calibration_negative=false" in bp
+    cls = queue_command(extra[2])
     assert "base.seed=1" in cls and "step1.prompt=none" in cls
-    assert len(experiments_to_run([1, 2])) == 13 + 4
+    assert len(experiments_to_run([1, 2])) == 13 + 6
 
 
 def test_seed_noise_table_gives_mean_and_sample_std_over_all_seeds():
@@ -82,9 +88,60 @@ def test_seed_noise_table_gives_mean_and_sample_std_over_all_seeds():
                "abl-t3-cls": run(0.40), "seed1-cls": run(0.40)}  # seed2-cls has not run
     table = render_markdown(results, seeds=[1, 2], base_seed=0)
     assert "### Seed noise: Table 3 rows over seeds 0, 1, 2" in table
-    assert "| + BP + P_term + N_term (full) | 3 | 20.00 ± 10.00 | 50.00 ± 0.00 |" in table
-    assert "| L_cls only | 2 | 40.00 ± 0.00 |" in table
+    assert "| + BP + P_term + N_term (full) | 3 | – | – | 20.00 ± 10.00 | 50.00 ± 0.00 |" in table
+    assert "| L_cls only | 2 | – | – | 40.00 ± 0.00 |" in table
+    assert "| + BP | 0 | – |" in table
     assert "Seed noise" not in render_markdown(results)
+
+
+def _kinds(shape: float, other: float) -> dict:
+    return {"attribute: shape": {"rate": shape, "n": 10}, "attribute: size+shape": {"rate": shape, "n": 30},
+            "attribute: colour": {"rate": other, "n": 50}, "position": {"rate": other, "n": 50}}
+
+
+def test_shape_object_hit_weights_the_kinds_that_name_a_shape_by_count():
+    split = {"object_hit_by_kind": {"attribute: shape": {"rate": 0.2, "n": 10},
+                                    "attribute: size+shape": {"rate": 0.6, "n": 30},
+                                    "attribute: colour": {"rate": 1.0, "n": 500}}}
+    assert shape_object_hit(split) == pytest.approx((0.2 * 10 + 0.6 * 30) / 40)
+    assert shape_object_hit({"object_hit": 0.5}) is None  # a test split: no kinds, no made-up value
+
+
+def _step1(hit: float, shape: float, point_m: float) -> dict:
+    return {STEP1_METRICS: {"val": {"object_hit": hit, "PointM": point_m,
+                                    "object_hit_by_kind": _kinds(shape, 0.9)}}}
+
+
+def _three_seeds(rows: dict[str, list[tuple[float, float, float]]]) -> dict:
+    names = {"full": "baseline", "bp": "abl-t3-bp", "cls": "abl-t3-cls"}
+    out = {}
+    for short, runs in rows.items():
+        for seed, run in enumerate(runs):
+            out[names[short] if seed == 0 else f"seed{seed}-{short}"] = _step1(*run)
+    return out
+
+
+def test_directions_hold_when_calibration_beats_bp_beyond_the_pooled_sd():
+    results = _three_seeds({"cls": [(0.50, 0.40, 0.45)] * 3,
+                            "bp": [(0.55, 0.40, 0.50), (0.55, 0.42, 0.52), (0.55, 0.44, 0.48)],
+                            "full": [(0.60, 0.60, 0.49), (0.60, 0.62, 0.47), (0.60, 0.64, 0.51)]})
+    results["abl-t4-no-prms"] = {PSEUDO_METRICS: {"raw_selected": {"mIoU": 0.15}, "refined": {"mIoU": 0.40}}}
+    results["baseline"][PSEUDO_METRICS] = {"raw_selected": {"mIoU": 0.17}, "refined": {"mIoU": 0.45}}
+    results["abl-t5-n1"] = {STEP1_METRICS: {"val": {"object_hit": 0.20}}}
+    found = directions(results, seeds=[1, 2])
+    assert [d.holds for d in found] == [True, True, True, True, True, True]
+    assert "pooled SD 2.00" in found[1].evidence  # both groups have sample SD 0.02
+    table = render_markdown(results, seeds=[1, 2])
+    assert "| Table 5, N + 1 = 1 collapses: object hit ≤ 30.00 | 20.00 | holds |" in table
+
+
+def test_directions_fail_within_noise_and_say_what_was_not_measured():
+    results = _three_seeds({"cls": [(0.60, 0.40, 0.45)] * 3,  # L_cls above + BP: the order fails
+                            "bp": [(0.55, 0.40, 0.50), (0.55, 0.50, 0.52), (0.55, 0.60, 0.48)],
+                            "full": [(0.60, 0.45, 0.30), (0.60, 0.55, 0.32), (0.60, 0.65, 0.31)]})
+    found = directions(results, seeds=[1, 2])
+    assert [d.holds for d in found] == [False, False, False, None, None, None]
+    assert [d.holds for d in directions(results, seeds=[])][1:3] == [None, None]  # one run: no SD
 
 
 @pytest.mark.skipif(shutil.which("dvc") is None or shutil.which("git") is None, reason="needs dvc and git")
