@@ -174,7 +174,8 @@ def collect_metrics(exp_show: Sequence[Mapping]) -> dict[str, dict[str, dict]]:
     """``{experiment name or 'baseline': {metrics file: data}}`` from ``dvc exp show --json``.
 
     The baseline is the commit row (the committed metrics); experiments are its children. Only
-    successfully finished experiments carry metrics.
+    successfully finished experiments count: a running one is listed with the metrics it started from
+    (the baseline's), so an executor state other than ``success`` leaves it out.
     """
     out: dict[str, dict[str, dict]] = {}
     for row in exp_show:
@@ -183,7 +184,8 @@ def collect_metrics(exp_show: Sequence[Mapping]) -> dict[str, dict[str, dict]]:
         out["baseline"] = _metrics_of(row)
         for exp in row.get("experiments") or []:
             revs = exp.get("revs") or []
-            if revs and revs[0].get("data") and not revs[0].get("error"):
+            state = (exp.get("executor") or {}).get("state", "success")
+            if state == "success" and revs and revs[0].get("data") and not revs[0].get("error"):
                 out.setdefault(exp.get("name") or revs[0].get("name"), _metrics_of(revs[0]))
     return out
 

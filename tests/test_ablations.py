@@ -144,6 +144,16 @@ def test_directions_fail_within_noise_and_say_what_was_not_measured():
     assert [d.holds for d in directions(results, seeds=[])][1:3] == [None, None]  # one run: no SD
 
 
+def test_collect_metrics_leaves_out_experiments_that_have_not_finished():
+    metrics = {"data": {"metrics": {STEP1_METRICS: {"data": {"val": {"PointM": 0.5}}}}}}
+    shown = [{"rev": "abc", **metrics, "experiments": [
+        {"name": "done", "executor": {"state": "success"}, "revs": [{"name": "done", **metrics}]},
+        {"name": "kept", "executor": None, "revs": [{"name": "kept", **metrics}]},  # run without the queue
+        {"name": "running", "executor": {"state": "running"}, "revs": [{"name": "running", **metrics}]},
+        {"name": "queued", "executor": {"state": "queued"}, "revs": [{"name": "queued", "data": {}}]}]}]
+    assert sorted(collect_metrics(shown)) == ["baseline", "done", "kept"]
+
+
 @pytest.mark.skipif(shutil.which("dvc") is None or shutil.which("git") is None, reason="needs dvc and git")
 def test_collect_metrics_reads_real_dvc_exp_show_output(tmp_path):
     run = lambda *cmd: subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, text=True)  # noqa: E731
